@@ -1,0 +1,5 @@
+//! Several nodes over one Redis: a pub/sub bus that carries deliveries between nodes.
+
+mod bus;
+
+pub use bus::{Bus, BusEvent};

@@ -1,0 +1,171 @@
+//! Typed configuration: embedded `config/default.toml`, an optional file, `SWITCHBOARD_*`
+//! environment variables, then command-line overrides, in that order of precedence.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The defaults, compiled in so that the binary needs no files next to it.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub signal: SignalConfig,
+    pub redis: RedisConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub node_id: String,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SignalConfig {
+    pub max_message_bytes: usize,
+    pub max_transport_bytes: u64,
+    pub max_buffer_packets: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RedisConfig {
+    pub url: String,
+    pub heartbeat_ms: u64,
+    pub node_ttl_ms: u64,
+    pub command_timeout_ms: u64,
+}
+
+impl RedisConfig {
+    /// The Redis URL, or `None` for the in-memory registry.
+    pub fn url(&self) -> Option<&str> {
+        Some(self.url.trim()).filter(|u| !u.is_empty())
+    }
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+    pub fn node_ttl(&self) -> Duration {
+        Duration::from_millis(self.node_ttl_ms)
+    }
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.command_timeout_ms)
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub redis: Option<String>,
+    pub node_id: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// The compiled-in defaults alone (what tests start from).
+    pub fn defaults() -> Self {
+        Figment::from(Toml::string(DEFAULT_TOML))
+            .extract()
+            .expect("config/default.toml is valid")
+    }
+
+    /// Defaults, then `file`, then the environment, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, Box<figment::Error>> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(Box::new(figment::Error::from(format!(
+                    "config file {} does not exist",
+                    file.display()
+                ))));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("SWITCHBOARD_").split("__"));
+        let o = overrides;
+        if let Some(v) = &o.listen {
+            figment = figment.merge(Serialized::default("server.listen", v));
+        }
+        if let Some(v) = &o.redis {
+            figment = figment.merge(Serialized::default("redis.url", v));
+        }
+        if let Some(v) = &o.node_id {
+            figment = figment.merge(Serialized::default("server.node_id", v));
+        }
+        if let Some(v) = &o.log_format {
+            figment = figment.merge(Serialized::default("server.log_format", v));
+        }
+        figment.extract().map_err(Box::new)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let c = Config::defaults();
+        assert_eq!(c.server.listen, "0.0.0.0:18080".parse().unwrap());
+        assert_eq!(c.signal.max_message_bytes, 1_000_000);
+        assert_eq!(c.redis.url(), None);
+        assert_eq!(c.server.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn file_env_and_cli_layer_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "sb.toml",
+                "[server]\nnode_id = \"from-file\"\nlisten = \"127.0.0.1:1000\"\n[redis]\nurl = \"redis://file/\"\n",
+            )?;
+            jail.set_env("SWITCHBOARD_SERVER__NODE_ID", "from-env");
+            jail.set_env("SWITCHBOARD_SIGNAL__MAX_MESSAGE_BYTES", "42");
+            let cli = Overrides {
+                redis: Some("redis://cli/".into()),
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("sb.toml")), &cli).map_err(|e| *e)?;
+            assert_eq!(c.server.listen, "127.0.0.1:1000".parse().unwrap());
+            assert_eq!(c.server.node_id, "from-env");
+            assert_eq!(c.signal.max_message_bytes, 42);
+            assert_eq!(c.redis.url(), Some("redis://cli/"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let err = Config::load(
+            Some(Path::new("/nonexistent/sb.toml")),
+            &Overrides::default(),
+        );
+        assert!(err.unwrap_err().to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn a_bad_value_names_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SWITCHBOARD_SERVER__LOG_FORMAT", "xml");
+            let err = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(
+                err.to_string().to_lowercase().contains("log_format"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+}

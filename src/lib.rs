@@ -1,0 +1,134 @@
+//! switchboard: an SFU media server with socket.io room signaling, wire-compatible with the
+//! original Node.js signaling server. [`Server`] runs it in-process (tests use ephemeral ports);
+//! `src/main.rs` is only the command line around it.
+
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod http;
+pub mod room;
+pub mod signal;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use socketioxide::SocketIo;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use cluster::Bus;
+use config::Config;
+use room::{MemoryRegistry, RedisRegistry, RoomRegistry, Rooms};
+use signal::Signal;
+use signal::deliver::Outbox;
+
+/// A running switchboard node.
+pub struct Server {
+    addr: SocketAddr,
+    node_id: String,
+    io: SocketIo,
+    signal: Arc<Signal>,
+    stop: CancellationToken,
+    http: JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Binds `config.server.listen` and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        let node_id = match config.server.node_id.trim() {
+            "" => random_node_id(),
+            id => id.to_owned(),
+        };
+        let stop = CancellationToken::new();
+        let (bus_tx, bus_rx) = mpsc::unbounded_channel();
+        let (reaped_tx, reaped_rx) = mpsc::unbounded_channel();
+        let (registry, bus): (Arc<dyn RoomRegistry>, _) = match config.redis.url() {
+            None => (Arc::new(MemoryRegistry::new()), None),
+            Some(url) => {
+                let registry = RedisRegistry::start(url, &node_id, &config.redis, reaped_tx)?;
+                let timeout = config.redis.command_timeout();
+                let bus = Bus::start(url, &node_id, timeout, bus_tx, stop.clone())?;
+                (registry, Some(bus))
+            }
+        };
+
+        let signal = Arc::new(Signal {
+            outbox: Outbox::new(Arc::new(Rooms::new(registry)), bus),
+            node_id: node_id.clone(),
+            max_message_bytes: config.signal.max_message_bytes,
+        });
+        let (sio_layer, io) = SocketIo::builder()
+            .max_payload(config.signal.max_transport_bytes)
+            .ws_max_message_size(config.signal.max_transport_bytes as usize)
+            .max_buffer_size(config.signal.max_buffer_packets)
+            .with_state(signal.clone())
+            .build_layer();
+        signal.outbox.attach(io.clone());
+        signal::install(&io, signal.clone(), bus_rx, reaped_rx);
+
+        let app = http::router(signal.clone()).layer(sio_layer);
+        // Small socket.io frames otherwise wait on Nagle + delayed ACK (tens of ms at p99).
+        let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
+        let addr = listener.local_addr()?;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let shutdown = stop.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+        });
+        info!(%addr, node = %node_id, redis = config.redis.url().is_some(), "started");
+        Ok(Server {
+            addr,
+            node_id,
+            io,
+            signal,
+            stop,
+            http,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Graceful stop: every member leaves (rooms are told), the node's registry entries are
+    /// removed at once, then the listener closes.
+    pub async fn shutdown(self) {
+        let rooms = self.signal.outbox.rooms.clone();
+        self.io.close().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while rooms.local_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rooms.shutdown().await;
+        // Give the bus a moment to publish the last leave envelopes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.http).await;
+        info!(node = %self.node_id, "stopped");
+    }
+}
+
+fn random_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+}

@@ -1,0 +1,86 @@
+//! The command line: parse flags, load the configuration, run a [`switchboard::Server`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use switchboard::config::{Config, LogFormat, Overrides};
+use tracing_subscriber::EnvFilter;
+
+/// SFU media server with socket.io room signaling.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// TOML file layered over the built-in defaults (see config/default.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to serve HTTP and socket.io on [default: 0.0.0.0:18080].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Redis URL for a shared room registry (several nodes); omit for in-memory.
+    #[arg(long)]
+    redis: Option<String>,
+    /// This node's name in the shared registry [default: random].
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Log line format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        listen: cli.listen,
+        redis: cli.redis,
+        node_id: cli.node_id,
+        log_format: cli.log_format.map(|f| match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }),
+    };
+    let config = Config::load(cli.config.as_deref(), &overrides)?;
+    init_logging(config.server.log_format);
+
+    let server = switchboard::Server::start(config).await?;
+    println!("listening on http://{}", server.local_addr());
+
+    shutdown_signal().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// `RUST_LOG` filters; the default keeps webrtc and socket.io internals quiet.
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,socketioxide=warn,engineioxide=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,146 @@
+//! Rooms: this node's connections (one per user, the last one wins) over a shared registry.
+
+mod memory;
+mod redis;
+mod registry;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub use memory::MemoryRegistry;
+pub use redis::{ROOM_PREFIX, Reaped, RedisRegistry};
+pub use registry::{Member, RoomListing, RoomRegistry};
+
+/// One live connection on this node. `H` is the edge's handle to reach it (a socket id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session<H> {
+    pub handle: H,
+    pub token: String,
+    pub room_id: Option<String>,
+}
+
+/// The connections of this node, by userId, and the registry they are recorded in.
+pub struct Rooms<H> {
+    sessions: Mutex<HashMap<String, Session<H>>>,
+    registry: Arc<dyn RoomRegistry>,
+}
+
+impl<H: Clone> Rooms<H> {
+    pub fn new(registry: Arc<dyn RoomRegistry>) -> Self {
+        Rooms {
+            sessions: Mutex::new(HashMap::new()),
+            registry,
+        }
+    }
+
+    /// Records a new connection. Returns the same user's previous connection on this node,
+    /// which the caller must notify and close: the last connection wins.
+    pub async fn join(&self, user_id: &str, session: Session<H>) -> Option<Session<H>> {
+        let member = Member {
+            user_id: user_id.to_owned(),
+            room_id: session.room_id.clone(),
+            token: session.token.clone(),
+        };
+        let previous = self
+            .sessions
+            .lock()
+            .unwrap()
+            .insert(user_id.to_owned(), session);
+        self.registry.join(&member).await;
+        previous
+    }
+
+    /// Removes a closed connection. Entries a newer connection of the user owns stay.
+    pub async fn leave(&self, user_id: &str, room_id: Option<&str>, token: &str) {
+        {
+            let mut sessions = self.sessions.lock().unwrap();
+            if sessions.get(user_id).is_some_and(|s| s.token == token) {
+                sessions.remove(user_id);
+            }
+        }
+        let member = Member {
+            user_id: user_id.to_owned(),
+            room_id: room_id.map(str::to_owned),
+            token: token.to_owned(),
+        };
+        self.registry.leave(&member).await;
+    }
+
+    /// Forgets the user's connection here because a newer one exists on another node.
+    pub fn evict(&self, user_id: &str, newer_token: &str) -> Option<Session<H>> {
+        let mut sessions = self.sessions.lock().unwrap();
+        match sessions.get(user_id) {
+            Some(s) if s.token != newer_token => sessions.remove(user_id),
+            _ => None,
+        }
+    }
+
+    /// The user's connection on this node.
+    pub fn local(&self, user_id: &str) -> Option<Session<H>> {
+        self.sessions.lock().unwrap().get(user_id).cloned()
+    }
+
+    pub fn local_count(&self) -> usize {
+        self.sessions.lock().unwrap().len()
+    }
+
+    pub fn local_handles(&self) -> Vec<H> {
+        self.sessions
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| s.handle.clone())
+            .collect()
+    }
+
+    pub async fn members(&self, room_id: &str) -> RoomListing {
+        self.registry.room_members(room_id).await
+    }
+
+    pub async fn is_online(&self, user_id: &str) -> bool {
+        self.local(user_id).is_some() || self.registry.is_online(user_id).await
+    }
+
+    pub async fn shutdown(&self) {
+        self.registry.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(handle: u32, room: Option<&str>) -> Session<u32> {
+        Session {
+            handle,
+            token: format!("n/{handle}"),
+            room_id: room.map(Into::into),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_last_connection_wins_and_the_old_one_cannot_remove_it() {
+        let rooms = Rooms::new(Arc::new(MemoryRegistry::new()));
+        assert_eq!(rooms.join("u", session(1, Some("R"))).await, None);
+        assert_eq!(
+            rooms.join("u", session(2, Some("R"))).await,
+            Some(session(1, Some("R")))
+        );
+        rooms.leave("u", Some("R"), "n/1").await;
+        assert_eq!(rooms.local("u"), Some(session(2, Some("R"))));
+        assert_eq!(rooms.members("R").await.len(), 1);
+        rooms.leave("u", Some("R"), "n/2").await;
+        assert_eq!(rooms.local("u"), None);
+        assert!(rooms.members("R").await.is_empty());
+        assert!(!rooms.is_online("u").await);
+    }
+
+    #[tokio::test]
+    async fn evict_spares_the_newer_connection() {
+        let rooms = Rooms::new(Arc::new(MemoryRegistry::new()));
+        rooms.join("u", session(1, None)).await;
+        assert_eq!(rooms.evict("u", "n/1"), None);
+        assert_eq!(rooms.evict("u", "other/9"), Some(session(1, None)));
+        assert_eq!(rooms.local_count(), 0);
+    }
+}

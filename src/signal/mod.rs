@@ -1,0 +1,282 @@
+//! The socket.io edge: handshake, the Part 1 events, and delivery between nodes.
+
+pub mod deliver;
+pub mod handshake;
+pub mod incoming;
+pub mod protocol;
+
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use socketioxide::SocketIo;
+use socketioxide::extract::{AckSender, Event, Extension, SocketRef, State};
+use socketioxide::handler::ConnectHandler;
+use socketioxide::socket::{DisconnectReason, Sid};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::cluster::BusEvent;
+use crate::room::{Reaped, Session};
+use deliver::{Outbox, room_channel};
+use incoming::Incoming;
+use protocol::{Directed, Refusal};
+
+/// Shared by every handler (socketioxide state).
+pub struct Signal {
+    pub outbox: Outbox,
+    pub node_id: String,
+    pub max_message_bytes: usize,
+}
+
+/// One connection, stored in its socket's extensions.
+#[derive(Debug)]
+pub struct Conn {
+    pub user_id: String,
+    pub room_id: Option<String>,
+    pub token: String,
+    /// Set when a newer connection of the same user took over: the room that one is in.
+    replaced_by: Mutex<Option<Option<String>>>,
+}
+
+type App = Arc<Signal>;
+
+/// Registers the namespace on `io` and starts the task that applies events from other nodes.
+pub fn install(
+    io: &SocketIo,
+    app: App,
+    from_bus: mpsc::UnboundedReceiver<BusEvent>,
+    reaped: mpsc::UnboundedReceiver<Reaped>,
+) {
+    io.ns("/", on_connect.with(authenticate));
+    tokio::spawn(apply_remote(app, from_bus, reaped));
+}
+
+/// Connect middleware: a refused handshake gets `connect_error` with the reason.
+async fn authenticate(s: SocketRef, State(app): State<App>) -> Result<(), String> {
+    let query = s.req_parts().uri.query();
+    let identity = handshake::identify(query).inspect_err(|e| debug!("handshake refused: {e}"))?;
+    let token = format!("{}/{}", app.node_id, s.id);
+    s.extensions.insert(Arc::new(Conn {
+        user_id: identity.user_id,
+        room_id: identity.room_id,
+        token,
+        replaced_by: Mutex::new(None),
+    }));
+    Ok(())
+}
+
+async fn on_connect(s: SocketRef, State(app): State<App>) {
+    let Some(conn) = s.extensions.get::<Arc<Conn>>() else {
+        return;
+    };
+    let session = Session {
+        handle: s.id,
+        token: conn.token.clone(),
+        room_id: conn.room_id.clone(),
+    };
+    let outbox = &app.outbox;
+    if let Some(previous) = outbox.rooms.join(&conn.user_id, session).await {
+        close_replaced(outbox.io(), previous.handle, conn.room_id.clone());
+    }
+    if let Some(bus) = &outbox.bus {
+        bus.publish(BusEvent::Replace {
+            user_id: conn.user_id.clone(),
+            token: conn.token.clone(),
+            room_id: conn.room_id.clone(),
+        });
+    }
+    info!(user = %conn.user_id, room = ?conn.room_id, sid = %s.id, transport = ?s.transport_type(), "join");
+    s.on("msg", on_msg);
+    s.on("roomUserList", on_room_user_list);
+    for kind in Directed::ALL {
+        s.on(
+            kind.event(),
+            move |s: SocketRef,
+                  State(app): State<App>,
+                  Extension(conn): Extension<Arc<Conn>>,
+                  incoming: Incoming| async move {
+                relay_directed(kind, &s, &app, &conn, incoming).await
+            },
+        );
+    }
+    s.on_fallback(on_unknown);
+    s.on_disconnect(on_disconnect);
+    if let Some(room) = &conn.room_id {
+        s.join(room_channel(room));
+        outbox
+            .to_room(room, &protocol::join_envelope(&conn.user_id, room))
+            .await;
+    }
+}
+
+/// Tells a replaced connection why and closes it. Its disconnect then spares the newer one.
+fn close_replaced(io: &SocketIo, sid: Sid, new_room: Option<String>) {
+    let Some(old) = io.get_socket(sid) else {
+        return;
+    };
+    if let Some(conn) = old.extensions.get::<Arc<Conn>>() {
+        *conn.replaced_by.lock().unwrap() = Some(new_room);
+        info!(user = %conn.user_id, sid = %sid, "replaced by a newer connection");
+    }
+    old.leave_all();
+    let _ = old.emit("msg", &protocol::replaced_envelope());
+    let _ = old.disconnect();
+}
+
+async fn on_disconnect(
+    s: SocketRef,
+    reason: DisconnectReason,
+    State(app): State<App>,
+    Extension(conn): Extension<Arc<Conn>>,
+) {
+    s.leave_all();
+    let room = conn.room_id.as_deref();
+    app.outbox
+        .rooms
+        .leave(&conn.user_id, room, &conn.token)
+        .await;
+    let replaced_by = conn.replaced_by.lock().unwrap().clone();
+    info!(user = %conn.user_id, room = ?room, sid = %s.id, ?reason, replaced = replaced_by.is_some(), "leave");
+    let Some(room) = room else { return };
+    // A replacement in the same room means the user never left it.
+    if replaced_by.is_some_and(|new_room| new_room.as_deref() == Some(room)) {
+        return;
+    }
+    app.outbox
+        .to_room(room, &protocol::leave_envelope(&conn.user_id, room))
+        .await;
+}
+
+fn refuse(s: &SocketRef, event: &str, refusal: &Refusal) {
+    debug!(sid = %s.id, event, "refused: {refusal}");
+    let _ = s.emit("msg", &refusal.envelope(event));
+}
+
+/// Checks the size limit and that the payload parsed at all.
+fn accept(app: &Signal, incoming: Incoming) -> Result<rmpv::Value, Refusal> {
+    if incoming.size > app.max_message_bytes {
+        return Err(Refusal::TooLarge {
+            size: incoming.size,
+            limit: app.max_message_bytes,
+        });
+    }
+    incoming.payload.map_err(Refusal::Malformed)
+}
+
+/// `msg`: the payload, as sent, to every member of the sender's room, sender included.
+async fn on_msg(
+    s: SocketRef,
+    State(app): State<App>,
+    Extension(conn): Extension<Arc<Conn>>,
+    incoming: Incoming,
+) {
+    let result = accept(&app, incoming).and_then(|payload| match &conn.room_id {
+        Some(room) => Ok((room, payload)),
+        None => Err(Refusal::NoRoom),
+    });
+    match result {
+        Ok((room, payload)) => {
+            debug!(user = %conn.user_id, room = %room, "msg");
+            app.outbox.to_room(room, &payload).await;
+        }
+        Err(refusal) => refuse(&s, "msg", &refusal),
+    }
+}
+
+/// `roomUserList`: the own room's members (userId -> JSON string), as an event and to the ack.
+async fn on_room_user_list(
+    s: SocketRef,
+    State(app): State<App>,
+    Extension(conn): Extension<Arc<Conn>>,
+    ack: AckSender,
+    incoming: Incoming,
+) {
+    let asked = accept(&app, incoming).and_then(|payload| {
+        let room = protocol::required_str(&payload, "roomId")?;
+        match conn.room_id.as_deref() {
+            Some(own) if own == room => Ok(own.to_owned()),
+            _ => Err(Refusal::NotYourRoom {
+                room_id: room.to_owned(),
+            }),
+        }
+    });
+    match asked {
+        Ok(room) => {
+            let listing = ListingJson(app.outbox.rooms.members(&room).await);
+            let _ = s.emit("roomUserList", &listing);
+            let _ = ack.send(&listing);
+        }
+        Err(refusal) => {
+            refuse(&s, "roomUserList", &refusal);
+            let _ = ack.send(&refusal.envelope("roomUserList"));
+        }
+    }
+}
+
+/// Serializes a room listing as a JSON object in listing order.
+struct ListingJson(crate::room::RoomListing);
+
+impl Serialize for ListingJson {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+/// `call` / `offer` / `answer` / `candidate`: the payload, stamped with `fromUid`, to `targetUid`.
+async fn relay_directed(
+    kind: Directed,
+    s: &SocketRef,
+    app: &Signal,
+    conn: &Conn,
+    incoming: Incoming,
+) {
+    let event = kind.event();
+    let prepared = accept(app, incoming).and_then(|mut payload| {
+        let target = protocol::required_str(&payload, "targetUid")?.to_owned();
+        protocol::stamp_sender(&mut payload, &conn.user_id);
+        Ok((target, payload))
+    });
+    let (target, payload) = match prepared {
+        Ok(p) => p,
+        Err(refusal) => return refuse(s, event, &refusal),
+    };
+    let envelope = protocol::Envelope::ok(event, kind.text(), payload);
+    if app.outbox.to_user(&target, &envelope).await {
+        debug!(from = %conn.user_id, to = %target, event, "relayed");
+    } else {
+        refuse(s, event, &Refusal::Offline { target });
+    }
+}
+
+async fn on_unknown(s: SocketRef, Event(event): Event) {
+    refuse(&s, &event, &Refusal::UnknownEvent);
+}
+
+/// Applies what other nodes ask for, and announces members of dead nodes as gone.
+async fn apply_remote(
+    app: App,
+    mut from_bus: mpsc::UnboundedReceiver<BusEvent>,
+    mut reaped: mpsc::UnboundedReceiver<Reaped>,
+) {
+    let outbox = &app.outbox;
+    loop {
+        tokio::select! {
+            Some(event) = from_bus.recv() => match event {
+                BusEvent::Room { room_id, payload } => outbox.to_local_room(&room_id, &payload).await,
+                BusEvent::User { user_id, payload } => {
+                    outbox.to_local_user(&user_id, &payload);
+                }
+                BusEvent::Replace { user_id, token, room_id } => {
+                    if let Some(old) = outbox.rooms.evict(&user_id, &token) {
+                        close_replaced(outbox.io(), old.handle, room_id);
+                    }
+                }
+            },
+            Some(gone) = reaped.recv() => {
+                warn!(user = %gone.user_id, room = %gone.room_id, "member of a dead node removed");
+                outbox.to_room(&gone.room_id, &protocol::leave_envelope(&gone.user_id, &gone.room_id)).await;
+            }
+            else => return,
+        }
+    }
+}
