@@ -49,6 +49,7 @@ pub struct Client {
     next_ack: u64,
     /// The socket.io session id the server assigned.
     pub sid: String,
+    tasks: [tokio::task::AbortHandle; 2],
 }
 
 impl Client {
@@ -58,7 +59,7 @@ impl Client {
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
         let (mut sink, mut stream) = ws.split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             while let Some(m) = out_rx.recv().await {
                 let close = matches!(m, Message::Close(_));
                 if sink.send(m).await.is_err() || close {
@@ -69,8 +70,9 @@ impl Client {
         });
         let (tx, packets) = mpsc::unbounded_channel();
         let (handshake_tx, mut handshake_rx) = mpsc::unbounded_channel::<Result<String, String>>();
-        let pong = out.clone();
-        tokio::spawn(async move {
+        // Weak: dropping the Client must end the writer, and with it the connection.
+        let pong = out.downgrade();
+        let reader = tokio::spawn(async move {
             let mut pending: Option<(Packet, usize)> = None;
             while let Some(Ok(msg)) = stream.next().await {
                 match msg {
@@ -78,7 +80,9 @@ impl Client {
                         let text = text.as_str();
                         match text.as_bytes().first() {
                             Some(b'2') => {
-                                let _ = pong.send(Message::text("3"));
+                                if let Some(out) = pong.upgrade() {
+                                    let _ = out.send(Message::text("3"));
+                                }
                             }
                             Some(b'4') => match parse_socketio(&text[1..]) {
                                 Ok(Parsed::Connected(sid)) => {
@@ -122,13 +126,14 @@ impl Client {
             packets,
             next_ack: 0,
             sid,
+            tasks: [writer.abort_handle(), reader.abort_handle()],
         })
     }
 
     /// Emits `event` with one JSON argument.
     pub fn emit(&self, event: &str, data: &Value) -> Result<(), ClientError> {
         self.send_raw(&format!(
-            "42{}",
+            "2{}",
             Value::Array(vec![event.into(), data.clone()])
         ))
     }
@@ -138,7 +143,7 @@ impl Client {
         let id = self.next_ack;
         self.next_ack += 1;
         self.send_raw(&format!(
-            "42{id}{}",
+            "2{id}{}",
             Value::Array(vec![event.into(), data.clone()])
         ))?;
         Ok(id)
@@ -152,7 +157,7 @@ impl Client {
         attachments: &[&[u8]],
     ) -> Result<(), ClientError> {
         let head = Value::Array(vec![event.into(), data.clone()]);
-        self.send_raw(&format!("45{}-{head}", attachments.len()))?;
+        self.send_raw(&format!("5{}-{head}", attachments.len()))?;
         for a in attachments {
             self.out
                 .send(Message::binary(a.to_vec()))
@@ -211,6 +216,13 @@ impl Client {
         match self.recv(wait).await {
             Ok(p) => Err(p),
             Err(_) => Ok(()),
+        }
+    }
+
+    /// Drops the TCP connection without a goodbye, as a crashed client or a lost network would.
+    pub fn abort(self) {
+        for t in &self.tasks {
+            t.abort();
         }
     }
 

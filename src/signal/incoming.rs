@@ -32,9 +32,22 @@ impl<A: Adapter> FromMessageParts<A> for Incoming {
             Value::Bytes(bytes) => bytes.len(),
         };
         let TryData(payload) = TryData::<rmpv::Value>::from_message_parts(s, v, ack_id)?;
-        Ok(Incoming {
-            size,
-            payload: payload.map_err(|e| e.to_string()),
-        })
+        let payload = match payload {
+            Ok(p) => Ok(p),
+            // `socket.emit("event")` with no argument: like `undefined` in the original.
+            Err(_) if is_event_only(v) => Ok(rmpv::Value::Nil),
+            Err(e) => Err(e.to_string()),
+        };
+        Ok(Incoming { size, payload })
+    }
+}
+
+/// Whether the packet is `["event"]` alone (the decoder leaves the text in place).
+fn is_event_only(v: &Value) -> bool {
+    match v {
+        Value::Str(text, _) => {
+            serde_json::from_str::<Vec<serde::de::IgnoredAny>>(text).is_ok_and(|a| a.len() == 1)
+        }
+        Value::Bytes(_) => false,
     }
 }

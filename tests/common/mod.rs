@@ -1,0 +1,154 @@
+//! Helpers shared by the integration tests: in-process servers on ephemeral loopback ports,
+//! socket.io clients, and a real redis-server on a free port.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use switchboard::Server;
+use switchboard::client::Client;
+use switchboard::config::Config;
+
+pub const WAIT: Duration = Duration::from_secs(5);
+pub const QUIET: Duration = Duration::from_millis(300);
+
+pub fn test_config() -> Config {
+    let mut c = Config::defaults();
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c
+}
+
+pub async fn start() -> Server {
+    Server::start(test_config()).await.expect("server starts")
+}
+
+pub async fn start_with_redis(url: &str, node_id: &str) -> Server {
+    let mut c = test_config();
+    c.redis.url = url.to_owned();
+    c.server.node_id = node_id.to_owned();
+    c.redis.heartbeat_ms = 500;
+    c.redis.node_ttl_ms = 1500;
+    Server::start(c).await.expect("server starts")
+}
+
+pub fn query(user: &str, room: Option<&str>) -> String {
+    let enc = |s: &str| {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    match room {
+        Some(r) => format!("userId={}&roomId={}", enc(user), enc(r)),
+        None => format!("userId={}", enc(user)),
+    }
+}
+
+/// Connects and consumes the client's own join envelope (when it has a room).
+pub async fn join(addr: SocketAddr, user: &str, room: Option<&str>) -> Client {
+    let mut c = Client::connect(addr, &query(user, room))
+        .await
+        .expect("connects");
+    if room.is_some() {
+        let j = c
+            .recv_msg_type("join", WAIT)
+            .await
+            .expect("own join envelope");
+        assert_eq!(j["data"]["userId"], user);
+    }
+    c
+}
+
+/// A redis-server of its own on a free loopback port, stopped on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let port = free_port();
+        let mut r = Redis { port, child: None };
+        r.spawn();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&bin)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {bin} ({e}); the README's test command installs it")
+            });
+        self.child = Some(child);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// Kills the server (data is lost: it runs without persistence).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it is true or `wait` passes.
+pub async fn eventually(wait: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

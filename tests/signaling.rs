@@ -1,0 +1,474 @@
+//! PROTOCOL.md Part 1 against the in-process server with the in-memory registry: every row of
+//! the table, the exact envelopes, and every error case.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{QUIET, WAIT, join, query, start};
+use serde_json::{Value, json};
+use switchboard::client::{Client, ClientError, Packet};
+
+fn raw_of(p: &Packet) -> &str {
+    match p {
+        Packet::Event { raw, .. } => raw,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn join_is_announced_to_every_member_including_the_joiner() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut alice = Client::connect(addr, &query("alice", Some("R1")))
+        .await
+        .unwrap();
+    let own = alice.recv_event("msg", WAIT).await.unwrap();
+    assert_eq!(
+        raw_of(&own),
+        r#"["msg",{"type":"join","msg":"alice join then room","status":200,"data":{"userId":"alice","roomId":"R1"}}]"#
+    );
+    let _bob = join(addr, "bob", Some("R1")).await;
+    let seen = alice.recv_event("msg", WAIT).await.unwrap();
+    assert_eq!(
+        raw_of(&seen),
+        r#"["msg",{"type":"join","msg":"bob join then room","status":200,"data":{"userId":"bob","roomId":"R1"}}]"#
+    );
+    // Another room hears nothing of R1.
+    let mut carol = join(addr, "carol", Some("R2")).await;
+    let _dave = join(addr, "dave", Some("R1")).await;
+    assert!(carol.expect_silence(QUIET).await.is_ok());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn msg_reaches_the_whole_room_byte_for_byte() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    let mut b = join(addr, "b", Some("R")).await;
+    a.recv_msg_type("join", WAIT).await.unwrap(); // b's join
+    let mut other = join(addr, "o", Some("elsewhere")).await;
+
+    // Key order, unicode, escapes and numbers as a JS client would send them.
+    let payload = r#"{"z":1,"a":"中文 ✓ \"q\" \\ \u0001","n":[-0.5,1e-7,9007199254740993,3],"nested":{"y":null,"x":true}}"#;
+    a.send_raw(&format!(r#"2["msg",{payload}]"#)).unwrap();
+    for c in [&mut a, &mut b] {
+        let got = c.recv_event("msg", WAIT).await.unwrap();
+        let text = raw_of(&got);
+        let relayed = &text[r#"["msg","#.len()..text.len() - 1];
+        let want: Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(relayed).unwrap(), want);
+        assert!(
+            relayed.starts_with(r#"{"z":1,"a":"中文 ✓"#),
+            "key order and unicode kept: {relayed}"
+        );
+        assert!(
+            relayed.contains("9007199254740993"),
+            "integers stay exact: {relayed}"
+        );
+    }
+    assert!(other.expect_silence(QUIET).await.is_ok());
+
+    // Any payload, not only objects.
+    a.emit("msg", &json!("just a string")).unwrap();
+    let got = b.recv_event("msg", WAIT).await.unwrap();
+    assert_eq!(raw_of(&got), r#"["msg","just a string"]"#);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn msg_keeps_binary_attachments() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let a = join(addr, "a", Some("R")).await;
+    let mut b = join(addr, "b", Some("R")).await;
+    let bytes: Vec<u8> = (0..=255).collect();
+    a.emit_binary(
+        "msg",
+        &json!({"file": {"_placeholder": true, "num": 0}, "name": "f.bin"}),
+        &[&bytes],
+    )
+    .unwrap();
+    match b.recv_event("msg", WAIT).await.unwrap() {
+        Packet::Event {
+            args, attachments, ..
+        } => {
+            assert_eq!(attachments, vec![bytes]);
+            assert_eq!(args[0]["file"]["_placeholder"], true);
+            assert_eq!(args[0]["name"], "f.bin");
+        }
+        other => panic!("{other:?}"),
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn room_user_list_lists_the_own_room_as_event_and_ack() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    let _b = join(addr, "b", Some("R")).await;
+    let _c = join(addr, "c", Some("S")).await;
+    a.recv_msg_type("join", WAIT).await.unwrap();
+
+    let want =
+        r#"{"a":"{\"userId\":\"a\",\"roomId\":\"R\"}","b":"{\"userId\":\"b\",\"roomId\":\"R\"}"}"#;
+    a.emit("roomUserList", &json!({"roomId": "R"})).unwrap();
+    let got = a.recv_event("roomUserList", WAIT).await.unwrap();
+    assert_eq!(raw_of(&got), format!(r#"["roomUserList",{want}]"#));
+
+    let id = a
+        .emit_with_ack("roomUserList", &json!({"roomId": "R"}))
+        .unwrap();
+    let mut saw_event = false;
+    let mut saw_ack = false;
+    while !(saw_event && saw_ack) {
+        match a.recv(WAIT).await.unwrap() {
+            Packet::Ack {
+                id: got_id, raw, ..
+            } => {
+                assert_eq!(got_id, id);
+                assert_eq!(raw, format!("[{want}]"));
+                saw_ack = true;
+            }
+            p if p.event_name() == Some("roomUserList") => saw_event = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    // Another room: refused, as an envelope and to the ack.
+    let id = a
+        .emit_with_ack("roomUserList", &json!({"roomId": "S"}))
+        .unwrap();
+    let err = a.recv_msg_type("error", WAIT).await.unwrap();
+    assert_eq!(err["status"], 403);
+    assert_eq!(err["data"], json!({"event": "roomUserList", "roomId": "S"}));
+    match a.recv(WAIT).await.unwrap() {
+        Packet::Ack {
+            id: got_id, args, ..
+        } => {
+            assert_eq!(got_id, id);
+            assert_eq!(args[0]["status"], 403);
+        }
+        other => panic!("{other:?}"),
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn directed_events_reach_the_target_with_the_original_strings() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let a = join(addr, "a", Some("R")).await;
+    // The target may be in another room, or in none: the original allowed 1:1 calls.
+    let mut b = join(addr, "b", None).await;
+    for (event, text) in [
+        ("call", "远程呼叫"),
+        ("offer", "rtc offer"),
+        ("answer", "rtc answer"),
+        ("candidate", "ice candidate"),
+    ] {
+        a.send_raw(&format!(r#"2["{event}",{{"targetUid":"b","fromUid":"forged","sdp":{{"type":"x","sdp":"v=0\r\n"}},"n":1.5}}]"#))
+            .unwrap();
+        let got = b.recv_event("msg", WAIT).await.unwrap();
+        assert_eq!(
+            raw_of(&got),
+            format!(
+                r#"["msg",{{"type":"{event}","msg":"{text}","status":200,"data":{{"targetUid":"b","sdp":{{"type":"x","sdp":"v=0\r\n"}},"n":1.5,"fromUid":"a"}}}}]"#
+            )
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn leave_is_announced_to_the_remaining_members() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    let b = join(addr, "b", Some("R")).await;
+    a.recv_msg_type("join", WAIT).await.unwrap();
+    b.close();
+    let got = a.recv_event("msg", WAIT).await.unwrap();
+    assert_eq!(
+        raw_of(&got),
+        r#"["msg",{"type":"leave","msg":"b leave the room ","status":200,"data":{"userId":"b","roomId":"R"}}]"#
+    );
+    a.emit("roomUserList", &json!({"roomId": "R"})).unwrap();
+    let list = a.recv_event("roomUserList", WAIT).await.unwrap();
+    assert_eq!(
+        raw_of(&list),
+        r#"["roomUserList",{"a":"{\"userId\":\"a\",\"roomId\":\"R\"}"}]"#
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn refused_handshakes_say_why() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let long = "x".repeat(129);
+    for (q, why) in [
+        ("roomId=R".to_owned(), "missing userId"),
+        ("userId=&roomId=R".to_owned(), "userId is empty"),
+        ("userId=sfu&roomId=R".to_owned(), "reserved"),
+        ("userId=a%07b".to_owned(), "control characters"),
+        (format!("userId={long}"), "longer than 128 bytes"),
+        (format!("userId=u&roomId={long}"), "roomId is longer"),
+    ] {
+        match Client::connect(addr, &q).await {
+            Err(ClientError::Refused(msg)) => assert!(msg.contains(why), "{q}: {msg}"),
+            Err(e) => panic!("{q}: {e}"),
+            Ok(_) => panic!("{q}: accepted"),
+        }
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_connection_replaces_the_first_without_leaving_the_room() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut watcher = join(addr, "w", Some("R")).await;
+    let mut first = join(addr, "u", Some("R")).await;
+    watcher.recv_msg_type("join", WAIT).await.unwrap();
+
+    let mut second = join(addr, "u", Some("R")).await;
+    let replaced = first.recv_event("msg", WAIT).await.unwrap();
+    assert_eq!(
+        raw_of(&replaced),
+        r#"["msg",{"type":"replaced","msg":"signed in elsewhere","status":409,"data":null}]"#
+    );
+    assert!(matches!(
+        first.recv(WAIT).await,
+        Ok(Packet::Disconnect) | Err(ClientError::Closed)
+    ));
+
+    // The room saw u join again and never leave; u is listed once and still reachable.
+    let rejoin = watcher.recv_msg_type("join", WAIT).await.unwrap();
+    assert_eq!(rejoin["data"]["userId"], "u");
+    assert!(
+        watcher.expect_silence(QUIET).await.is_ok(),
+        "no leave for the replaced connection"
+    );
+    watcher
+        .emit("roomUserList", &json!({"roomId": "R"}))
+        .unwrap();
+    let list = watcher.recv_event("roomUserList", WAIT).await.unwrap();
+    let Packet::Event { args, .. } = list else {
+        unreachable!()
+    };
+    assert_eq!(
+        args[0].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["w", "u"]
+    );
+    watcher.emit("call", &json!({"targetUid": "u"})).unwrap();
+    assert_eq!(
+        second.recv_msg_type("call", WAIT).await.unwrap()["data"]["fromUid"],
+        "w"
+    );
+
+    // Replaced into another room: the old room hears a leave, the new one a join.
+    let _third = join(addr, "u", Some("S")).await;
+    let left = watcher.recv_msg_type("leave", WAIT).await.unwrap();
+    assert_eq!(left["data"], json!({"userId": "u", "roomId": "R"}));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_payloads_get_error_envelopes_and_the_connection_stays() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    let mut lonely = join(addr, "lonely", None).await;
+
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "call",
+            r#"2["call","not an object"]"#.into(),
+            400,
+            "expected an object",
+        ),
+        (
+            "offer",
+            r#"2["offer",{"sdp":"x"}]"#.into(),
+            400,
+            "missing targetUid",
+        ),
+        (
+            "answer",
+            r#"2["answer",{"targetUid":7}]"#.into(),
+            400,
+            "targetUid must be a string",
+        ),
+        (
+            "candidate",
+            r#"2["candidate",{"targetUid":"ghost"}]"#.into(),
+            404,
+            "ghost is not online",
+        ),
+        (
+            "call",
+            r#"2["call",{"targetUid":"sfu"}]"#.into(),
+            404,
+            "not online",
+        ),
+        (
+            "candidate",
+            r#"2["candidate"]"#.into(),
+            400,
+            "expected an object",
+        ),
+        (
+            "roomUserList",
+            r#"2["roomUserList",[]]"#.into(),
+            400,
+            "expected an object",
+        ),
+        (
+            "roomUserList",
+            r#"2["roomUserList",{"roomId":1}]"#.into(),
+            400,
+            "roomId must be a string",
+        ),
+        (
+            "whatever",
+            r#"2["whatever",{}]"#.into(),
+            400,
+            "unknown event",
+        ),
+    ];
+    for (event, packet, status, why) in cases {
+        a.send_raw(&packet).unwrap();
+        let err = a
+            .recv_msg_type("error", WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{packet}: {e}"));
+        assert_eq!(err["status"], status, "{packet}: {err}");
+        assert_eq!(err["data"]["event"], event, "{packet}");
+        assert!(
+            err["msg"].as_str().unwrap().contains(why),
+            "{packet}: {err}"
+        );
+    }
+
+    lonely.emit("msg", &json!({"hi": 1})).unwrap();
+    let err = lonely.recv_msg_type("error", WAIT).await.unwrap();
+    assert_eq!(
+        (err["status"].as_u64(), err["data"]["event"].as_str()),
+        (Some(403), Some("msg"))
+    );
+
+    // Oversized: refused with 413, and the same connection keeps working.
+    let big = "x".repeat(2_000_000);
+    a.emit("msg", &json!({ "blob": big })).unwrap();
+    let err = a
+        .recv_msg_type("error", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(err["status"], 413);
+    assert_eq!(err["data"]["limit"], 1_000_000);
+    a.emit("msg", &json!({"after": "413"})).unwrap();
+    let echo = a.recv_event("msg", WAIT).await.unwrap();
+    assert_eq!(raw_of(&echo), r#"["msg",{"after":"413"}]"#);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_packets_do_not_disturb_other_rooms() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("calm")).await;
+    let b = join(addr, "b", Some("calm")).await;
+    a.recv_msg_type("join", WAIT).await.unwrap();
+    for garbage in [
+        r#"2not json"#,
+        "2[]",
+        "2[1,2]",
+        "2{\"x\":1}",
+        "9",
+        "5x-[]",
+        "2[\"msg\",{\"a\":",
+    ] {
+        let mut bad = join(addr, "vandal", Some("loud")).await;
+        bad.send_raw(garbage).unwrap();
+        let _ = bad.recv(Duration::from_millis(100)).await;
+    }
+    b.emit("msg", &json!({"still": "here"})).unwrap();
+    let got = a.recv_event("msg", WAIT).await.unwrap();
+    assert_eq!(raw_of(&got), r#"["msg",{"still":"here"}]"#);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn thousands_of_rapid_connects_and_disconnects_leave_nothing_behind() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("steady")).await;
+    let b = join(addr, "b", Some("steady")).await;
+    a.recv_msg_type("join", WAIT).await.unwrap();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..20 {
+        tasks.spawn(async move {
+            for i in 0..100 {
+                let q = query(
+                    &format!("churn-{worker}-{}", i % 7),
+                    Some(&format!("churn-{}", i % 5)),
+                );
+                let c = Client::connect(addr, &q)
+                    .await
+                    .expect("connects under churn");
+                if i % 2 == 0 {
+                    c.close(); // clean leave
+                } else {
+                    c.abort(); // the TCP connection just goes away
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    b.emit("msg", &json!("ok")).unwrap();
+    assert_eq!(
+        raw_of(&a.recv_event("msg", WAIT).await.unwrap()),
+        r#"["msg","ok"]"#
+    );
+
+    let healthz = format!("http://{addr}/healthz");
+    let settled = async {
+        loop {
+            let body = http_get(&healthz).await;
+            let v: Value = serde_json::from_str(&body).unwrap();
+            if v["connections"] == 2 {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let v = tokio::time::timeout(Duration::from_secs(20), settled)
+        .await
+        .expect("churned sessions are gone");
+    assert_eq!(v["status"], "ok");
+    server.shutdown().await;
+}
+
+/// A tiny HTTP/1.1 GET over loopback, to avoid an HTTP client dependency in tests.
+async fn http_get(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    s.write_all(
+        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
