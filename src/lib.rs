@@ -49,9 +49,10 @@ impl Server {
         let (registry, bus): (Arc<dyn RoomRegistry>, _) = match config.redis.url() {
             None => (Arc::new(MemoryRegistry::new()), None),
             Some(url) => {
-                let registry = RedisRegistry::start(url, &node_id, &config.redis, reaped_tx)?;
+                let registry =
+                    RedisRegistry::start(url, &node_id, &config.redis, reaped_tx).await?;
                 let timeout = config.redis.command_timeout();
-                let bus = Bus::start(url, &node_id, timeout, bus_tx, stop.clone())?;
+                let bus = Bus::start(url, &node_id, timeout, bus_tx, stop.clone()).await?;
                 (registry, Some(bus))
             }
         };
@@ -106,11 +107,17 @@ impl Server {
     /// removed at once, then the listener closes.
     pub async fn shutdown(self) {
         let rooms = self.signal.outbox.rooms.clone();
-        self.io.close().await;
+        // Disconnect sockets one by one: `SocketIo::close` alone skips the disconnect handlers.
+        for sid in rooms.local_handles() {
+            if let Some(socket) = self.io.get_socket(sid) {
+                let _ = socket.disconnect();
+            }
+        }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         while rooms.local_count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.io.close().await;
         rooms.shutdown().await;
         // Give the bus a moment to publish the last leave envelopes.
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -58,7 +58,9 @@ pub struct Bus {
 
 impl Bus {
     /// Starts the publisher and the subscriber; events from other nodes arrive on `incoming`.
-    pub fn start(
+    /// Waits (at most `timeout`) for the first subscription, so that a node that has started
+    /// hears its peers; without Redis it starts anyway and keeps trying.
+    pub async fn start(
         url: &str,
         origin: &str,
         timeout: Duration,
@@ -73,13 +75,16 @@ impl Bus {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), conn_cfg)?;
         let (queue, rx) = mpsc::channel(QUEUE);
         tokio::spawn(publish_loop(conn, rx, stop.clone()));
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
         tokio::spawn(subscribe_loop(
             client,
             origin.to_owned(),
             incoming,
             timeout,
             stop,
+            subscribed_tx,
         ));
+        let _ = tokio::time::timeout(timeout, subscribed).await;
         Ok(Arc::new(Bus {
             origin: origin.to_owned(),
             queue,
@@ -164,7 +169,9 @@ async fn subscribe_loop(
     incoming: mpsc::UnboundedSender<BusEvent>,
     timeout: Duration,
     stop: CancellationToken,
+    subscribed: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut subscribed = Some(subscribed);
     let mut down = false;
     loop {
         let connect = async {
@@ -177,13 +184,19 @@ async fn subscribe_loop(
                 if std::mem::take(&mut down) {
                     info!("bus: subscribed again");
                 }
+                if let Some(tx) = subscribed.take() {
+                    let _ = tx.send(());
+                }
                 let mut messages = pubsub.into_on_message();
                 loop {
                     let msg = tokio::select! {
                         _ = stop.cancelled() => return,
                         m = messages.next() => m,
                     };
-                    let Some(msg) = msg else { break };
+                    let Some(msg) = msg else {
+                        warn!("bus: subscription lost; reconnecting");
+                        break;
+                    };
                     match rmp_serde::from_slice::<Frame>(msg.get_payload_bytes()) {
                         Ok(frame) if frame.origin != origin => {
                             if incoming.send(frame.event).is_err() {

@@ -131,9 +131,9 @@ struct Scripts {
 type RedisError = Box<dyn std::error::Error + Send + Sync>;
 
 impl RedisRegistry {
-    /// Connects lazily (the server starts even while Redis is down) and starts the heartbeat.
-    /// Members of dead nodes that this node removes are reported on `reaped`.
-    pub fn start(
+    /// Connects lazily (the server starts even while Redis is down), makes a first heartbeat
+    /// and starts the heartbeat task. Members of dead nodes this node removes come on `reaped`.
+    pub async fn start(
         url: &str,
         node_id: &str,
         cfg: &RedisConfig,
@@ -162,6 +162,7 @@ impl RedisRegistry {
             },
             writes: tokio::sync::Mutex::new(()),
         });
+        registry.tick().await;
         tokio::spawn(registry.clone().heartbeat_loop());
         Ok(registry)
     }
@@ -341,7 +342,8 @@ impl RedisRegistry {
     }
 
     async fn heartbeat_loop(self: Arc<Self>) {
-        let mut every = tokio::time::interval(self.cfg.heartbeat());
+        let period = self.cfg.heartbeat();
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -44,7 +44,7 @@ impl Outbox {
     pub async fn to_room<T: Serialize + ?Sized>(&self, room_id: &str, payload: &T) {
         self.to_local_room(room_id, payload).await;
         if let Some(bus) = &self.bus {
-            match rmpv::ext::to_value(payload) {
+            match bus_value(payload) {
                 Ok(payload) => bus.publish(BusEvent::Room {
                     room_id: room_id.to_owned(),
                     payload,
@@ -75,7 +75,7 @@ impl Outbox {
         if !self.rooms.is_online(user_id).await {
             return false;
         }
-        match rmpv::ext::to_value(payload) {
+        match bus_value(payload) {
             Ok(payload) => bus.publish(BusEvent::User {
                 user_id: user_id.to_owned(),
                 payload,
@@ -98,5 +98,29 @@ impl Outbox {
             debug!(user = %user_id, "user delivery failed: {e}");
         }
         true
+    }
+}
+
+/// A payload as the bus carries it. Through msgpack with field names, so that structs stay
+/// objects (`rmpv::ext::to_value` would turn them into arrays) and binary stays binary.
+fn bus_value<T: Serialize + ?Sized>(payload: &T) -> Result<rmpv::Value, String> {
+    let bytes = rmp_serde::to_vec_named(payload).map_err(|e| e.to_string())?;
+    rmpv::decode::read_value(&mut bytes.as_slice()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signal::protocol::join_envelope;
+
+    #[test]
+    fn bus_values_serialize_back_to_the_same_json() {
+        let v = bus_value(&join_envelope("u", "r")).unwrap();
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            serde_json::to_string(&join_envelope("u", "r")).unwrap()
+        );
+        let bin = rmpv::Value::Map(vec![("b".into(), rmpv::Value::Binary(vec![1, 2]))]);
+        assert_eq!(bus_value(&bin).unwrap(), bin);
     }
 }

@@ -1,0 +1,347 @@
+//! The Redis registry and several nodes, against a real redis-server started per test.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Process, QUIET, Redis, WAIT, eventually, join, start_with_redis};
+use redis::Commands;
+use serde_json::json;
+use switchboard::client::Packet;
+
+fn room_hash(redis: &Redis, room: &str) -> Vec<(String, String)> {
+    redis
+        .conn()
+        .hgetall(format!("meeting-room::{room}"))
+        .unwrap()
+}
+
+fn entry(user: &str, room: &str) -> (String, String) {
+    (
+        user.to_owned(),
+        format!(r#"{{"userId":"{user}","roomId":"{room}"}}"#),
+    )
+}
+
+#[tokio::test]
+async fn writes_the_original_keys_on_join_and_removes_them_on_leave() {
+    let redis = Redis::start();
+    let server = start_with_redis(&redis.url(), "n1").await;
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    let b = join(addr, "b", Some("R")).await;
+    assert_eq!(
+        room_hash(&redis, "R"),
+        vec![entry("a", "R"), entry("b", "R")]
+    );
+
+    a.emit("roomUserList", &json!({"roomId": "R"})).unwrap();
+    let Packet::Event { raw, .. } = a.recv_event("roomUserList", WAIT).await.unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(
+        raw,
+        r#"["roomUserList",{"a":"{\"userId\":\"a\",\"roomId\":\"R\"}","b":"{\"userId\":\"b\",\"roomId\":\"R\"}"}]"#
+    );
+
+    b.close();
+    a.recv_msg_type("leave", WAIT).await.unwrap();
+    assert_eq!(room_hash(&redis, "R"), vec![entry("a", "R")]);
+    server.shutdown().await;
+    assert!(
+        room_hash(&redis, "R").is_empty(),
+        "graceful shutdown removes the node's entries"
+    );
+}
+
+#[tokio::test]
+async fn two_nodes_relay_between_users_on_either() {
+    let redis = Redis::start();
+    let n1 = start_with_redis(&redis.url(), "n1").await;
+    let n2 = start_with_redis(&redis.url(), "n2").await;
+    let mut a = join(n1.local_addr(), "a", Some("R")).await;
+    let mut b = join(n2.local_addr(), "b", Some("R")).await;
+    let mut c = join(n2.local_addr(), "c", Some("other")).await;
+
+    // Joins cross nodes.
+    assert_eq!(
+        a.recv_msg_type("join", WAIT).await.unwrap()["data"]["userId"],
+        "b"
+    );
+    // Room broadcast from node 1 reaches node 2, byte for byte, and not another room.
+    a.send_raw(r#"2["msg",{"k":"中","n":[1,2.5],"z":null}]"#)
+        .unwrap();
+    for client in [&mut a, &mut b] {
+        // b may first see a's join: the bus can deliver it after b joined on its node.
+        let raw = loop {
+            let Packet::Event { raw, .. } = client.recv_event("msg", WAIT).await.unwrap() else {
+                unreachable!()
+            };
+            if !raw.contains(r#""type":"join""#) {
+                break raw;
+            }
+        };
+        assert_eq!(raw, r#"["msg",{"k":"中","n":[1,2.5],"z":null}]"#);
+    }
+    assert!(c.expect_silence(QUIET).await.is_ok());
+
+    // Binary attachments survive the bus.
+    b.emit_binary(
+        "msg",
+        &json!({"bin": {"_placeholder": true, "num": 0}}),
+        &[&[0, 1, 255]],
+    )
+    .unwrap();
+    let Packet::Event { attachments, .. } = a.recv_event("msg", WAIT).await.unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(attachments, vec![vec![0, 1, 255]]);
+
+    // Directed events to a user on the other node, both ways.
+    a.emit("offer", &json!({"targetUid": "b", "sdp": "o"}))
+        .unwrap();
+    let offer = b.recv_msg_type("offer", WAIT).await.unwrap();
+    assert_eq!(
+        offer["data"],
+        json!({"targetUid": "b", "sdp": "o", "fromUid": "a"})
+    );
+    c.emit("call", &json!({"targetUid": "a"})).unwrap();
+    assert_eq!(
+        a.recv_msg_type("call", WAIT).await.unwrap()["data"]["fromUid"],
+        "c"
+    );
+    a.emit("call", &json!({"targetUid": "nobody"})).unwrap();
+    assert_eq!(a.recv_msg_type("error", WAIT).await.unwrap()["status"], 404);
+
+    // roomUserList from either node lists members of both.
+    for client in [&mut a, &mut b] {
+        client
+            .emit("roomUserList", &json!({"roomId": "R"}))
+            .unwrap();
+        let Packet::Event { args, .. } = client.recv_event("roomUserList", WAIT).await.unwrap()
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            args[0].as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+    }
+
+    // A second connection on the other node replaces the first; the room sees no leave.
+    let _a2 = join(n2.local_addr(), "a", Some("R")).await;
+    assert_eq!(
+        a.recv_msg_type("replaced", WAIT).await.unwrap()["status"],
+        409
+    );
+    assert_eq!(
+        b.recv_msg_type("join", WAIT).await.unwrap()["data"]["userId"],
+        "a"
+    );
+    assert!(
+        b.expect_silence(QUIET).await.is_ok(),
+        "no leave after a replacement"
+    );
+    assert_eq!(
+        room_hash(&redis, "R"),
+        vec![entry("a", "R"), entry("b", "R")]
+    );
+
+    // Leave crosses nodes too.
+    b.close();
+    let mut watcher = join(n1.local_addr(), "w", Some("R")).await;
+    drop(watcher.recv(Duration::from_millis(50)).await);
+    n2.shutdown().await;
+    assert_eq!(
+        watcher.recv_msg_type("leave", WAIT).await.unwrap()["data"]["userId"],
+        "a"
+    );
+    assert_eq!(room_hash(&redis, "R"), vec![entry("w", "R")]);
+    n1.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_killed_node_is_cleaned_up_within_15_seconds_with_default_timings() {
+    let redis = Redis::start();
+    let url = redis.url();
+    // The live node runs with the default heartbeat and TTL, as a deployment would.
+    let mut cfg = common::test_config();
+    cfg.redis.url = url.clone();
+    cfg.server.node_id = "survivor".into();
+    let survivor = switchboard::Server::start(cfg).await.unwrap();
+    let mut watcher = join(survivor.local_addr(), "w", Some("R")).await;
+
+    let victim = Process::spawn(&["--redis", &url, "--node-id", "victim"], &[]);
+    let _doomed = join(victim.addr, "d", Some("R")).await;
+    let _lonely = join(victim.addr, "l", None).await;
+    watcher.recv_msg_type("join", WAIT).await.unwrap();
+    assert_eq!(
+        room_hash(&redis, "R"),
+        vec![entry("w", "R"), entry("d", "R")]
+    );
+
+    victim.signal("-KILL");
+    let killed = Instant::now();
+    let leave = watcher
+        .recv_msg_type("leave", Duration::from_secs(15))
+        .await
+        .expect("leave within 15 s");
+    assert_eq!(leave["data"], json!({"userId": "d", "roomId": "R"}));
+    assert!(killed.elapsed() < Duration::from_secs(15));
+    assert_eq!(room_hash(&redis, "R"), vec![entry("w", "R")]);
+    let users: Vec<String> = redis.conn().hkeys("switchboard:users").unwrap();
+    assert_eq!(users, ["w"]);
+    let nodes: Vec<String> = redis.conn().smembers("switchboard:nodes").unwrap();
+    assert_eq!(nodes, ["survivor"]);
+    survivor.shutdown().await;
+}
+
+#[tokio::test]
+async fn sigterm_removes_the_nodes_entries_at_once() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let mut node = Process::spawn(&["--redis", &url, "--node-id", "graceful"], &[]);
+    let _a = join(node.addr, "a", Some("R")).await;
+    let _b = join(node.addr, "b", None).await;
+    assert_eq!(room_hash(&redis, "R"), vec![entry("a", "R")]);
+    node.signal("-TERM");
+    assert!(node.wait().success());
+    assert!(room_hash(&redis, "R").is_empty());
+    let users: Vec<String> = redis.conn().hkeys("switchboard:users").unwrap();
+    assert!(users.is_empty(), "{users:?}");
+}
+
+#[tokio::test]
+async fn signaling_survives_a_redis_restart_and_the_hash_is_rewritten() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let env = [
+        ("SWITCHBOARD_REDIS__HEARTBEAT_MS", "300"),
+        ("SWITCHBOARD_REDIS__NODE_TTL_MS", "1500"),
+    ];
+    let n1 = Process::spawn(&["--redis", &url, "--node-id", "n1"], &env);
+    let n2 = Process::spawn(&["--redis", &url, "--node-id", "n2"], &env);
+    let mut a = join(n1.addr, "a", Some("R")).await;
+    let mut b = join(n1.addr, "b", Some("R")).await;
+    let mut far = join(n2.addr, "far", Some("R")).await;
+    a.recv_msg_type("join", WAIT).await.unwrap();
+    a.recv_msg_type("join", WAIT).await.unwrap();
+    b.recv_msg_type("join", WAIT).await.unwrap();
+
+    redis.stop();
+    // Signaling between users of one node goes on, message after message.
+    for i in 0..50 {
+        a.emit("msg", &json!({ "i": i })).unwrap();
+        assert!(
+            recv_payload(&mut b, &json!({ "i": i })).await,
+            "message {i} during the outage"
+        );
+    }
+    a.emit("call", &json!({"targetUid": "b"})).unwrap();
+    assert_eq!(
+        b.recv_msg_type("call", WAIT).await.unwrap()["data"]["fromUid"],
+        "a"
+    );
+    // Membership changes during the outage are kept in memory...
+    let c = join(n1.addr, "c", Some("R")).await;
+    b.close();
+    assert_eq!(
+        a.recv_msg_type("leave", WAIT).await.unwrap()["data"]["userId"],
+        "b"
+    );
+    // From memory while Redis is away: this node's members only.
+    a.emit("roomUserList", &json!({"roomId": "R"})).unwrap();
+    let Packet::Event { args, .. } = a.recv_event("roomUserList", WAIT).await.unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(
+        args[0].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["a", "c"]
+    );
+
+    // ...and written back when Redis returns (it restarted empty: no persistence).
+    redis.restart();
+    let rewritten = eventually(Duration::from_secs(10), || {
+        let mut h = room_hash(&redis, "R");
+        h.sort();
+        h == vec![entry("a", "R"), entry("c", "R"), entry("far", "R")]
+    })
+    .await;
+    assert!(
+        rewritten,
+        "hash after restart: {:?}",
+        room_hash(&redis, "R")
+    );
+
+    // Cross-node delivery resumes once both nodes have resubscribed.
+    let mut delivered = false;
+    for _ in 0..50 {
+        a.emit("call", &json!({"targetUid": "far", "probe": true}))
+            .unwrap();
+        if far
+            .recv_msg_type("call", Duration::from_millis(200))
+            .await
+            .is_ok()
+        {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered, "a call from n1 reaches n2 after the restart");
+
+    // One warning per outage, not one per message.
+    let log = n1.log();
+    assert_eq!(log.matches("redis unavailable").count(), 1, "{log}");
+    assert!(log.contains("redis available; room registry written"));
+    drop(c);
+}
+
+#[tokio::test]
+async fn a_frozen_redis_never_stalls_signaling_for_long() {
+    let redis = Redis::start();
+    let server = start_with_redis(&redis.url(), "n1").await;
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    redis.pause();
+    // Joining costs at most one command timeout (300 ms) while Redis hangs, then nothing.
+    let started = Instant::now();
+    let mut b = join(addr, "b", Some("R")).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "join took {:?}",
+        started.elapsed()
+    );
+    a.recv_msg_type("join", WAIT).await.unwrap();
+    let started = Instant::now();
+    for i in 0..20 {
+        b.emit("msg", &json!({ "i": i })).unwrap();
+        assert!(recv_payload(&mut a, &json!({ "i": i })).await);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "20 messages took {:?}",
+        started.elapsed()
+    );
+    redis.resume();
+    let repaired = eventually(Duration::from_secs(10), || {
+        room_hash(&redis, "R") == vec![entry("a", "R"), entry("b", "R")]
+    })
+    .await;
+    assert!(
+        repaired,
+        "hash after the freeze: {:?}",
+        room_hash(&redis, "R")
+    );
+    server.shutdown().await;
+}
+
+/// Waits for a relayed `msg` whose payload is `want`, skipping envelopes.
+async fn recv_payload(c: &mut switchboard::client::Client, want: &serde_json::Value) -> bool {
+    loop {
+        match c.recv_event("msg", WAIT).await {
+            Ok(Packet::Event { args, .. }) if &args[0] == want => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
