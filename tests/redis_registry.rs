@@ -305,7 +305,7 @@ async fn a_frozen_redis_never_stalls_signaling_for_long() {
     redis.pause();
     // Joining costs at most one command timeout (300 ms) while Redis hangs, then nothing.
     let started = Instant::now();
-    let mut b = join(addr, "b", Some("R")).await;
+    let b = join(addr, "b", Some("R")).await;
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "join took {:?}",
