@@ -67,7 +67,11 @@ async fn main() {
         }
     };
     let addr = args.url.unwrap_or_else(|| server.as_ref().unwrap().local_addr());
-    let registry = if args.redis.is_some() { "redis" } else { "memory" };
+    let target = match (args.url, &args.redis) {
+        (Some(url), _) => format!("server={url}"),
+        (None, Some(_)) => "server=in-process registry=redis".to_owned(),
+        (None, None) => "server=in-process registry=memory".to_owned(),
+    };
 
     let mut clients = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
@@ -141,7 +145,7 @@ async fn main() {
     };
     let lost = expected.saturating_sub(t.delivered);
     println!(
-        "signal_load registry={registry} clients={} rooms={} rate={} msg/s payload={} B secs={}",
+        "signal_load {target} clients={} rooms={} rate={} msg/s payload={} B secs={}",
         args.clients, args.rooms, args.rate, args.payload, args.secs
     );
     println!(

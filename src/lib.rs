@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::serve::ListenerExt;
 use socketioxide::SocketIo;
 use tokio::sync::mpsc;
@@ -73,7 +74,9 @@ impl Server {
 
         let app = http::router(signal.clone()).layer(sio_layer);
         // Small socket.io frames otherwise wait on Nagle + delayed ACK (tens of ms at p99).
-        let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
         let addr = listener.local_addr()?;
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
