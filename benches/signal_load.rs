@@ -63,10 +63,16 @@ async fn main() {
             if let Some(url) = &args.redis {
                 cfg.redis.url = url.clone();
             }
-            Some(switchboard::Server::start(cfg).await.expect("server starts"))
+            Some(
+                switchboard::Server::start(cfg)
+                    .await
+                    .expect("server starts"),
+            )
         }
     };
-    let addr = args.url.unwrap_or_else(|| server.as_ref().unwrap().local_addr());
+    let addr = args
+        .url
+        .unwrap_or_else(|| server.as_ref().unwrap().local_addr());
     let target = match (args.url, &args.redis) {
         (Some(url), _) => format!("server={url}"),
         (None, Some(_)) => "server=in-process registry=redis".to_owned(),
@@ -141,7 +147,11 @@ async fn main() {
     t.latencies_us.sort_unstable();
     let pct = |p: f64| {
         let v = &t.latencies_us;
-        if v.is_empty() { 0.0 } else { v[((v.len() - 1) as f64 * p) as usize] as f64 / 1000.0 }
+        if v.is_empty() {
+            0.0
+        } else {
+            v[((v.len() - 1) as f64 * p) as usize] as f64 / 1000.0
+        }
     };
     let lost = expected.saturating_sub(t.delivered);
     println!(
@@ -166,6 +176,9 @@ async fn main() {
         s.shutdown().await;
     }
     if !args.bench {
-        assert!(t.sent > 0 && lost == 0, "smoke run lost {lost} of {expected} deliveries");
+        assert!(
+            t.sent > 0 && lost == 0,
+            "smoke run lost {lost} of {expected} deliveries"
+        );
     }
 }

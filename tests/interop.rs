@@ -16,7 +16,11 @@ async fn npm_socket_io_client_speaks_part_1_over_every_transport() {
     let server = common::start().await;
     let url = format!("http://{}", server.local_addr());
     let out = tokio::task::spawn_blocking(move || {
-        Command::new("node").arg("signaling.mjs").arg(url).current_dir(dir).output()
+        Command::new("node")
+            .arg("signaling.mjs")
+            .arg(url)
+            .current_dir(dir)
+            .output()
     })
     .await
     .unwrap()
@@ -24,6 +28,9 @@ async fn npm_socket_io_client_speaks_part_1_over_every_transport() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "interop checks failed:\n{stdout}");
-    assert!(stdout.lines().any(|l| l == "9 passed, 0 failed"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l == "9 passed, 0 failed"),
+        "{stdout}"
+    );
     server.shutdown().await;
 }
