@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod room;
+pub mod sfu;
 pub mod signal;
 
 use std::net::SocketAddr;

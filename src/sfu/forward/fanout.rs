@@ -1,0 +1,265 @@
+//! One published track and its subscribers: the per-packet fan-out.
+//!
+//! A `TrackForwarder` is owned by exactly one task, which feeds it packets and applies control
+//! changes between packets, so the per-packet path takes no lock and touches no shared counter.
+//! Time comes in as `now`: nothing here reads a clock or does I/O.
+
+use std::time::{Duration, Instant};
+
+use super::downtrack::{DownTrack, DownTrackConfig, DownTrackId, Quality};
+use super::keyframe::Codec;
+use super::rtp::{RtpHeader, RtpPacket};
+
+/// At most one keyframe request per source layer in this interval.
+pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// A layer with no packet for this long is not offered to subscribers.
+pub const LAYER_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+struct Layer {
+    ssrc: u32,
+    quality: Quality,
+    last_seen: Option<Instant>,
+    last_keyframe_request: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrackStats {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Packets that could not be parsed (raw input only).
+    pub malformed: u64,
+    /// Packets from an SSRC that is not one of this track's layers.
+    pub unknown_ssrc: u64,
+    /// Packets dropped because the publisher muted the track.
+    pub muted: u64,
+    pub keyframe_requests: u64,
+}
+
+pub struct TrackForwarder<S> {
+    codec: Codec,
+    layers: Vec<Layer>,
+    downs: Vec<DownTrack<S>>,
+    muted: bool,
+    pub stats: TrackStats,
+    /// Reused for every output header: no allocation per packet.
+    scratch: RtpHeader,
+}
+
+/// Maps a simulcast rid to a quality rank; `None` for a name that tells nothing.
+fn quality_of_rid(rid: &str) -> Option<Quality> {
+    match rid.to_ascii_lowercase().as_str() {
+        "q" | "l" | "low" | "0" => Some(Quality::Low),
+        "h" | "m" | "mid" | "medium" | "1" => Some(Quality::Medium),
+        "f" | "high" | "full" | "2" => Some(Quality::High),
+        _ => None,
+    }
+}
+
+impl<S> TrackForwarder<S> {
+    pub fn new(codec: Codec) -> Self {
+        TrackForwarder {
+            codec,
+            layers: Vec::new(),
+            downs: Vec::new(),
+            muted: false,
+            stats: TrackStats::default(),
+            scratch: RtpHeader::default(),
+        }
+    }
+
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Registers a source SSRC (a simulcast layer by its rid, or the single stream). A known SSRC
+    /// is ignored, so repeated announcements (after every renegotiation) are harmless.
+    pub fn add_layer(&mut self, ssrc: u32, rid: Option<&str>) {
+        if self.layers.iter().any(|l| l.ssrc == ssrc) {
+            return;
+        }
+        let quality = match rid {
+            // A single stream: any wish maps to it.
+            None => Quality::High,
+            Some(rid) => quality_of_rid(rid).unwrap_or(match self.layers.len() {
+                0 => Quality::Low,
+                1 => Quality::Medium,
+                _ => Quality::High,
+            }),
+        };
+        // The same rank again (a re-publish with new SSRCs): the new source replaces the old.
+        self.layers.retain(|l| l.quality != quality);
+        self.layers.push(Layer {
+            ssrc,
+            quality,
+            last_seen: None,
+            last_keyframe_request: None,
+        });
+    }
+
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn add_down_track(&mut self, config: DownTrackConfig, sink: S) {
+        self.remove_down_track(config.id);
+        self.downs.push(DownTrack::new(config, sink));
+    }
+
+    pub fn remove_down_track(&mut self, id: DownTrackId) -> Option<DownTrack<S>> {
+        let i = self.downs.iter().position(|d| d.config.id == id)?;
+        Some(self.downs.swap_remove(i))
+    }
+
+    pub fn down_track(&self, id: DownTrackId) -> Option<&DownTrack<S>> {
+        self.downs.iter().find(|d| d.config.id == id)
+    }
+
+    pub fn down_tracks(&self) -> &[DownTrack<S>] {
+        &self.downs
+    }
+
+    /// Applies a renegotiated payload type or extension mapping.
+    pub fn configure_down_track(&mut self, config: DownTrackConfig) {
+        if let Some(d) = self.downs.iter_mut().find(|d| d.config.id == config.id) {
+            d.config = config;
+        }
+    }
+
+    pub fn set_quality(&mut self, id: DownTrackId, quality: Quality) {
+        if let Some(d) = self.downs.iter_mut().find(|d| d.config.id == id) {
+            d.config.quality = quality;
+        }
+    }
+
+    /// Publisher mute: nothing is forwarded; on unmute every subscriber starts a new segment
+    /// (video on a keyframe), so its sequence numbers continue without a gap.
+    pub fn set_muted(&mut self, muted: bool) {
+        if self.muted && !muted {
+            for d in &mut self.downs {
+                d.resync = true;
+            }
+        }
+        self.muted = muted;
+    }
+
+    pub fn is_muted(&self) -> bool {
+        self.muted
+    }
+
+    /// The layer to send a subscriber: the best active one not above its wish, else the lowest
+    /// active one, else its wish (nothing active yet).
+    fn effective_quality(layers: &[Layer], wish: Quality, now: Instant) -> Quality {
+        let active = |l: &&Layer| {
+            l.last_seen
+                .is_some_and(|t| now.saturating_duration_since(t) < LAYER_TIMEOUT)
+        };
+        let best_below = layers
+            .iter()
+            .filter(active)
+            .filter(|l| l.quality <= wish)
+            .map(|l| l.quality)
+            .max();
+        best_below
+            .or_else(|| layers.iter().filter(active).map(|l| l.quality).min())
+            .unwrap_or(wish)
+    }
+
+    /// Throttled: `Some(ssrc)` when a keyframe request for that layer should go upstream now.
+    fn request_keyframe(layer: &mut Layer, stats: &mut TrackStats, now: Instant) -> Option<u32> {
+        let due = layer
+            .last_keyframe_request
+            .is_none_or(|t| now.saturating_duration_since(t) >= KEYFRAME_REQUEST_INTERVAL);
+        if !due {
+            return None;
+        }
+        layer.last_keyframe_request = Some(now);
+        stats.keyframe_requests += 1;
+        Some(layer.ssrc)
+    }
+
+    /// A subscriber asked for a keyframe (PLI/FIR): relay it upstream, throttled per layer.
+    pub fn on_keyframe_request(&mut self, id: DownTrackId, now: Instant) -> Option<u32> {
+        let d = self.downs.iter().find(|d| d.config.id == id)?;
+        let wish = Self::effective_quality(&self.layers, d.config.quality, now);
+        let layer = match d.current {
+            Some(ssrc) => self.layers.iter_mut().find(|l| l.ssrc == ssrc),
+            None => self.layers.iter_mut().find(|l| l.quality == wish),
+        }?;
+        Self::request_keyframe(layer, &mut self.stats, now)
+    }
+
+    /// Parses raw bytes and forwards them; malformed input is counted and dropped.
+    pub fn forward_raw(
+        &mut self,
+        buf: bytes::Bytes,
+        now: Instant,
+        send: impl FnMut(&S, &RtpHeader, &bytes::Bytes),
+    ) -> Option<u32> {
+        match RtpPacket::parse(buf) {
+            Ok(p) => self.forward(&p, now, send),
+            Err(_) => {
+                self.stats.malformed += 1;
+                None
+            }
+        }
+    }
+
+    /// Fans one packet out: `send(sink, header, payload)` for every subscriber that gets it.
+    /// Returns the SSRC of a layer to request a keyframe for, when one is needed now.
+    pub fn forward(
+        &mut self,
+        packet: &RtpPacket,
+        now: Instant,
+        mut send: impl FnMut(&S, &RtpHeader, &bytes::Bytes),
+    ) -> Option<u32> {
+        let h = &packet.header;
+        let Some(layer_index) = self.layers.iter().position(|l| l.ssrc == h.ssrc) else {
+            self.stats.unknown_ssrc += 1;
+            return None;
+        };
+        self.stats.packets += 1;
+        self.stats.bytes += packet.payload.len() as u64;
+        self.layers[layer_index].last_seen = Some(now);
+        if self.muted {
+            self.stats.muted += 1;
+            return None;
+        }
+        let quality = self.layers[layer_index].quality;
+        let video = self.codec.is_video();
+        // Only parsed when some subscriber needs to start or switch.
+        let mut keyframe: Option<bool> = None;
+        let mut is_keyframe =
+            |codec: Codec| *keyframe.get_or_insert_with(|| codec.starts_keyframe(&packet.payload));
+        let mut want_keyframe = false;
+        let clock_rate = self.codec.clock_rate();
+        let out = &mut self.scratch;
+
+        for d in &mut self.downs {
+            if d.config.payload_type.is_none() {
+                continue;
+            }
+            let on_current = d.current == Some(h.ssrc);
+            if !on_current || d.resync {
+                let wanted = on_current
+                    || Self::effective_quality(&self.layers, d.config.quality, now) == quality;
+                if !wanted {
+                    continue;
+                }
+                if video && !is_keyframe(self.codec) {
+                    d.stats.waiting += 1;
+                    want_keyframe = true;
+                    continue;
+                }
+                d.start_segment(h, clock_rate, now);
+            }
+            if d.rewrite(h, packet.payload.len(), now, out) {
+                send(&d.sink, out, &packet.payload);
+            }
+        }
+        if want_keyframe {
+            return Self::request_keyframe(&mut self.layers[layer_index], &mut self.stats, now);
+        }
+        None
+    }
+}
