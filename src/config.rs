@@ -17,6 +17,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub signal: SignalConfig,
     pub redis: RedisConfig,
+    pub media: MediaConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -64,6 +65,38 @@ impl RedisConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MediaConfig {
+    pub ip: std::net::IpAddr,
+    pub public_ip: String,
+    pub udp_port_min: u16,
+    pub udp_port_max: u16,
+    pub ice_servers: Vec<IceServer>,
+}
+
+impl MediaConfig {
+    /// The 1:1 NAT address to advertise, if any.
+    pub fn public_ip(&self) -> Option<&str> {
+        Some(self.public_ip.trim()).filter(|s| !s.is_empty())
+    }
+
+    /// The UDP port range, if one is set.
+    pub fn udp_ports(&self) -> Option<(u16, u16)> {
+        (self.udp_port_min != 0 || self.udp_port_max != 0)
+            .then_some((self.udp_port_min, self.udp_port_max))
+    }
+}
+
+/// A STUN or TURN server for clients, in the browser's `RTCIceServer` form.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
 /// Values given on the command line; `None` leaves the lower layers in force.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -71,6 +104,9 @@ pub struct Overrides {
     pub redis: Option<String>,
     pub node_id: Option<String>,
     pub log_format: Option<LogFormat>,
+    pub media_ip: Option<std::net::IpAddr>,
+    pub public_ip: Option<String>,
+    pub udp_ports: Option<(u16, u16)>,
 }
 
 impl Config {
@@ -107,7 +143,26 @@ impl Config {
         if let Some(v) = &o.log_format {
             figment = figment.merge(Serialized::default("server.log_format", v));
         }
-        figment.extract().map_err(Box::new)
+        if let Some(v) = &o.media_ip {
+            figment = figment.merge(Serialized::default("media.ip", v));
+        }
+        if let Some(v) = &o.public_ip {
+            figment = figment.merge(Serialized::default("media.public_ip", v));
+        }
+        if let Some((min, max)) = o.udp_ports {
+            figment = figment
+                .merge(Serialized::default("media.udp_port_min", min))
+                .merge(Serialized::default("media.udp_port_max", max));
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
+        if let Some((min, max)) = config.media.udp_ports()
+            && (min == 0 || min > max)
+        {
+            return Err(Box::new(figment::Error::from(format!(
+                "media.udp_port_min..udp_port_max must be a range of ports, got {min}..{max}"
+            ))));
+        }
+        Ok(config)
     }
 }
 
@@ -119,10 +174,48 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_values() {
         let c = Config::defaults();
-        assert_eq!(c.server.listen, "0.0.0.0:18080".parse().unwrap());
+        assert_eq!(
+            c.server.listen,
+            "0.0.0.0:18080".parse::<SocketAddr>().unwrap()
+        );
         assert_eq!(c.signal.max_message_bytes, 1_000_000);
         assert_eq!(c.redis.url(), None);
         assert_eq!(c.server.log_format, LogFormat::Text);
+        assert_eq!(c.media.ip.to_string(), "127.0.0.1");
+        assert_eq!((c.media.public_ip(), c.media.udp_ports()), (None, None));
+        assert!(c.media.ice_servers.is_empty());
+    }
+
+    #[test]
+    fn media_flags_and_ice_servers() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "m.toml",
+                "[media]\nice_servers = [{ urls = [\"turn:t.example:3478\"], username = \"u\", credential = \"p\" }]\n",
+            )?;
+            let cli = Overrides {
+                media_ip: Some("10.1.2.3".parse().unwrap()),
+                public_ip: Some("203.0.113.7".into()),
+                udp_ports: Some((40000, 40100)),
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("m.toml")), &cli).map_err(|e| *e)?;
+            assert_eq!(c.media.ip.to_string(), "10.1.2.3");
+            assert_eq!(c.media.public_ip(), Some("203.0.113.7"));
+            assert_eq!(c.media.udp_ports(), Some((40000, 40100)));
+            assert_eq!(c.media.ice_servers[0].urls, ["turn:t.example:3478"]);
+            let bad = Overrides {
+                udp_ports: Some((500, 100)),
+                ..Default::default()
+            };
+            assert!(
+                Config::load(None, &bad)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("range")
+            );
+            Ok(())
+        });
     }
 
     #[test]
@@ -139,7 +232,10 @@ mod tests {
                 ..Default::default()
             };
             let c = Config::load(Some(Path::new("sb.toml")), &cli).map_err(|e| *e)?;
-            assert_eq!(c.server.listen, "127.0.0.1:1000".parse().unwrap());
+            assert_eq!(
+                c.server.listen,
+                "127.0.0.1:1000".parse::<SocketAddr>().unwrap()
+            );
             assert_eq!(c.server.node_id, "from-env");
             assert_eq!(c.signal.max_message_bytes, 42);
             assert_eq!(c.redis.url(), Some("redis://cli/"));

@@ -25,6 +25,7 @@ use tracing::info;
 use cluster::Bus;
 use config::Config;
 use room::{MemoryRegistry, RedisRegistry, RoomRegistry, Rooms};
+use sfu::Sfu;
 use signal::Signal;
 use signal::deliver::Outbox;
 
@@ -59,8 +60,10 @@ impl Server {
             }
         };
 
+        let (sfu_tx, sfu_rx) = mpsc::unbounded_channel();
         let signal = Arc::new(Signal {
             outbox: Outbox::new(Arc::new(Rooms::new(registry)), bus),
+            sfu: Sfu::new(config.media.clone(), sfu_tx),
             node_id: node_id.clone(),
             max_message_bytes: config.signal.max_message_bytes,
         });
@@ -71,7 +74,7 @@ impl Server {
             .with_state(signal.clone())
             .build_layer();
         signal.outbox.attach(io.clone());
-        signal::install(&io, signal.clone(), bus_rx, reaped_rx);
+        signal::install(&io, signal.clone(), bus_rx, reaped_rx, sfu_rx);
 
         let app = http::router(signal.clone()).layer(sio_layer);
         // Small socket.io frames otherwise wait on Nagle + delayed ACK (tens of ms at p99).
@@ -121,6 +124,7 @@ impl Server {
         while rooms.local_count() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.signal.sfu.shutdown().await;
         self.io.close().await;
         rooms.shutdown().await;
         // Give the bus a moment to publish the last leave envelopes.

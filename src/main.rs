@@ -26,6 +26,21 @@ struct Cli {
     /// Log line format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormatArg>,
+    /// Address media sockets bind to and advertise [default: 127.0.0.1].
+    #[arg(long)]
+    media_ip: Option<std::net::IpAddr>,
+    /// Public address to advertise behind a 1:1 NAT.
+    #[arg(long)]
+    public_ip: Option<String>,
+    /// UDP port range for media, MIN-MAX.
+    #[arg(long, value_parser = parse_port_range)]
+    udp_ports: Option<(u16, u16)>,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (min, max) = s.split_once('-').ok_or("expected MIN-MAX")?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p}: {e}"));
+    Ok((port(min)?, port(max)?))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -45,6 +60,9 @@ async fn main() -> anyhow::Result<()> {
             LogFormatArg::Text => LogFormat::Text,
             LogFormatArg::Json => LogFormat::Json,
         }),
+        media_ip: cli.media_ip,
+        public_ip: cli.public_ip,
+        udp_ports: cli.udp_ports,
     };
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     init_logging(config.server.log_format);

@@ -308,12 +308,13 @@ async fn bad_payloads_get_error_envelopes_and_the_connection_stays() {
             404,
             "ghost is not online",
         ),
-        (
-            "call",
-            r#"2["call",{"targetUid":"sfu"}]"#.into(),
-            404,
-            "not online",
-        ),
+        ("offer", r#"2["offer",{"targetUid":"sfu","sdp":{"type":"offer","sdp":"garbage"}}]"#.into(), 400, "bad session description"),
+        ("answer", r#"2["answer",{"targetUid":"sfu","pc":"subscriber","sdp":{"type":"answer","sdp":"x"}}]"#.into(), 400, "bad session description"),
+        ("offer", r#"2["offer",{"targetUid":"sfu","pc":"subscriber","sdp":{"type":"offer","sdp":"x"}}]"#.into(), 400, "publisher connection only"),
+        ("candidate", r#"2["candidate",{"targetUid":"sfu","pc":"sideways","candidate":null}]"#.into(), 400, "pc must be"),
+        ("mute", r#"2["mute",{"trackId":"nope","muted":true}]"#.into(), 404, "no track nope"),
+        ("setQuality", r#"2["setQuality",{"trackId":"t","quality":"ultra"}]"#.into(), 400, "low, medium or high"),
+        ("subscribe", r#"2["subscribe",{"trackIds":"t"}]"#.into(), 400, "malformed"),
         (
             "candidate",
             r#"2["candidate"]"#.into(),
@@ -352,6 +353,17 @@ async fn bad_payloads_get_error_envelopes_and_the_connection_stays() {
             "{packet}: {err}"
         );
     }
+
+    // Answering the sfu before it offered anything: no subscriber connection yet.
+    let mut fresh = join(addr, "fresh", Some("R")).await;
+    fresh
+        .send_raw(r#"2["answer",{"targetUid":"sfu","pc":"subscriber","sdp":{"type":"answer","sdp":"v=0"}}]"#)
+        .unwrap();
+    let err = fresh.recv_msg_type("error", WAIT).await.unwrap();
+    assert_eq!(
+        (err["status"].as_u64(), err["data"]["event"].as_str()),
+        (Some(409), Some("answer"))
+    );
 
     lonely.emit("msg", &json!({"hi": 1})).unwrap();
     let err = lonely.recv_msg_type("error", WAIT).await.unwrap();

@@ -3,6 +3,7 @@
 pub mod deliver;
 pub mod handshake;
 pub mod incoming;
+pub mod media;
 pub mod protocol;
 
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,8 @@ use tracing::{debug, info, warn};
 
 use crate::cluster::BusEvent;
 use crate::room::{Reaped, Session};
+use crate::sfu::Sfu;
+use crate::sfu::api::SfuEvent;
 use deliver::{Outbox, room_channel};
 use incoming::Incoming;
 use protocol::{Directed, Refusal};
@@ -24,6 +27,7 @@ use protocol::{Directed, Refusal};
 /// Shared by every handler (socketioxide state).
 pub struct Signal {
     pub outbox: Outbox,
+    pub sfu: Arc<Sfu>,
     pub node_id: String,
     pub max_message_bytes: usize,
 }
@@ -38,7 +42,7 @@ pub struct Conn {
     replaced_by: Mutex<Option<Option<String>>>,
 }
 
-type App = Arc<Signal>;
+pub(crate) type App = Arc<Signal>;
 
 /// Registers the namespace on `io` and starts the task that applies events from other nodes.
 pub fn install(
@@ -46,9 +50,10 @@ pub fn install(
     app: App,
     from_bus: mpsc::UnboundedReceiver<BusEvent>,
     reaped: mpsc::UnboundedReceiver<Reaped>,
+    from_sfu: mpsc::UnboundedReceiver<SfuEvent>,
 ) {
     io.ns("/", on_connect.with(authenticate));
-    tokio::spawn(apply_remote(app, from_bus, reaped));
+    tokio::spawn(apply_remote(app, from_bus, reaped, from_sfu));
 }
 
 /// Connect middleware: a refused handshake gets `connect_error` with the reason.
@@ -98,6 +103,9 @@ async fn on_connect(s: SocketRef, State(app): State<App>) {
                 relay_directed(kind, &s, &app, &conn, incoming).await
             },
         );
+    }
+    for event in media::MEDIA_EVENTS {
+        s.on(event, media::on_media_event);
     }
     s.on_fallback(on_unknown);
     s.on_disconnect(on_disconnect);
@@ -231,15 +239,22 @@ async fn relay_directed(
     incoming: Incoming,
 ) {
     let event = kind.event();
-    let prepared = accept(app, incoming).and_then(|mut payload| {
+    let prepared = accept(app, incoming).and_then(|payload| {
         let target = protocol::required_str(&payload, "targetUid")?.to_owned();
-        protocol::stamp_sender(&mut payload, &conn.user_id);
         Ok((target, payload))
     });
-    let (target, payload) = match prepared {
+    let (target, mut payload) = match prepared {
         Ok(p) => p,
         Err(refusal) => return refuse(s, event, &refusal),
     };
+    if target == protocol::SFU_USER_ID {
+        debug!(user = %conn.user_id, event, "to the sfu");
+        if let Err(refusal) = media::to_sfu(kind, app, conn, payload).await {
+            refuse(s, event, &refusal);
+        }
+        return;
+    }
+    protocol::stamp_sender(&mut payload, &conn.user_id);
     let envelope = protocol::Envelope::ok(event, kind.text(), payload);
     if app.outbox.to_user(&target, &envelope).await {
         debug!(from = %conn.user_id, to = %target, event, "relayed");
@@ -257,10 +272,17 @@ async fn apply_remote(
     app: App,
     mut from_bus: mpsc::UnboundedReceiver<BusEvent>,
     mut reaped: mpsc::UnboundedReceiver<Reaped>,
+    mut from_sfu: mpsc::UnboundedReceiver<SfuEvent>,
 ) {
     let outbox = &app.outbox;
     loop {
         tokio::select! {
+            Some(event) = from_sfu.recv() => match media::delivery(event) {
+                media::Delivery::User(user, envelope) => {
+                    outbox.to_user(&user, &envelope).await;
+                }
+                media::Delivery::Room(room, envelope) => outbox.to_room(&room, &envelope).await,
+            },
             Some(event) = from_bus.recv() => match event {
                 BusEvent::Room { room_id, payload } => outbox.to_local_room(&room_id, &payload).await,
                 BusEvent::User { user_id, payload } => {

@@ -116,6 +116,9 @@ pub enum Refusal {
     TooLarge { size: usize, limit: usize },
     #[error("unknown event")]
     UnknownEvent,
+    /// The SFU refused: its own status and reason.
+    #[error("{reason}")]
+    Media { status: u16, reason: String },
 }
 
 impl Refusal {
@@ -125,6 +128,7 @@ impl Refusal {
             Refusal::NotYourRoom { .. } | Refusal::NoRoom => 403,
             Refusal::Offline { .. } => 404,
             Refusal::TooLarge { .. } => 413,
+            Refusal::Media { status, .. } => *status,
         }
     }
 

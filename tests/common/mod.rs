@@ -2,6 +2,8 @@
 //! socket.io clients, and a real redis-server on a free port.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod peer;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -19,7 +21,18 @@ pub fn test_config() -> Config {
     c
 }
 
+/// Logs to the test output when RUST_LOG is set (e.g. RUST_LOG=switchboard=debug).
+pub fn logs() {
+    if std::env::var("RUST_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 pub async fn start() -> Server {
+    logs();
     Server::start(test_config()).await.expect("server starts")
 }
 

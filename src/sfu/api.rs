@@ -1,0 +1,95 @@
+//! What the SFU takes from the edge and tells it back, in its own types (no socket.io, no webrtc).
+
+use serde::{Deserialize, Serialize};
+
+/// Which of a member's two peer connections a message is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PcKind {
+    /// The client offers, the server answers: what the client sends.
+    Publisher,
+    /// The server offers, the client answers: what the client receives.
+    Subscriber,
+}
+
+/// An ICE candidate in the browser's JSON form (`RTCIceCandidateInit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IceCandidate {
+    pub candidate: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdp_mid: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "sdpMLineIndex"
+    )]
+    pub sdp_mline_index: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_fragment: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaKind {
+    Audio,
+    Video,
+}
+
+/// A published track as the room sees it (`trackPublished`, `tracks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackInfo {
+    pub user_id: String,
+    pub track_id: String,
+    pub kind: MediaKind,
+    /// Simulcast rids, empty for a single stream.
+    pub simulcast: Vec<String>,
+    pub muted: bool,
+}
+
+/// What the SFU asks the edge to deliver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SfuEvent {
+    /// An SDP for the member (`answer` on publisher, `offer` on subscriber).
+    Sdp {
+        user_id: String,
+        pc: PcKind,
+        sdp_type: &'static str,
+        sdp: String,
+    },
+    /// A server candidate for the member; `None` ends the candidates.
+    Candidate {
+        user_id: String,
+        pc: PcKind,
+        candidate: Option<IceCandidate>,
+    },
+    TrackPublished {
+        room_id: String,
+        track: TrackInfo,
+    },
+    TrackUnpublished {
+        room_id: String,
+        track: TrackInfo,
+    },
+    TrackMuted {
+        room_id: String,
+        track: TrackInfo,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SfuError {
+    #[error("bad session description: {0}")]
+    BadSdp(String),
+    #[error("bad ICE candidate: {0}")]
+    BadCandidate(String),
+    #[error("no {0:?} connection to apply this to")]
+    NoConnection(PcKind),
+    #[error("no track {0}")]
+    UnknownTrack(String),
+    #[error("track {0} is not yours")]
+    NotYourTrack(String),
+    #[error("media setup failed: {0}")]
+    Internal(String),
+}

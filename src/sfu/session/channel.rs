@@ -1,0 +1,125 @@
+//! Data channels: a channel a member opens on its publisher connection is relayed to every other
+//! member as a channel of the same label on their subscriber connection, with the sender's userId
+//! as `protocol` and the same reliability settings; messages pass byte for byte.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use tracing::debug;
+use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
+
+/// A publisher's channel and its copies on the other members' subscriber connections.
+pub struct ChannelSource {
+    pub owner: String,
+    pub label: String,
+    /// The settings the copies are created with (`protocol` = the owner's userId).
+    pub init: RTCDataChannelInit,
+    copies: Mutex<Vec<Copy>>,
+}
+
+struct Copy {
+    member: String,
+    channel: Arc<dyn DataChannel>,
+}
+
+impl ChannelSource {
+    /// Reads the publisher channel's settings.
+    pub async fn new(owner: &str, channel: &Arc<dyn DataChannel>) -> ChannelSource {
+        let label = channel.label().await.unwrap_or_default();
+        let init = RTCDataChannelInit {
+            ordered: channel.ordered().await.unwrap_or(true),
+            max_packet_life_time: channel.max_packet_life_time().await.ok().flatten(),
+            max_retransmits: channel.max_retransmits().await.ok().flatten(),
+            protocol: owner.to_owned(),
+            negotiated: None,
+        };
+        ChannelSource {
+            owner: owner.to_owned(),
+            label,
+            init,
+            copies: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Registers a copy made on `member`'s subscriber connection and keeps it polled.
+    pub fn add_copy(&self, member: &str, channel: Arc<dyn DataChannel>) {
+        tokio::spawn(drain(channel.clone()));
+        self.copies.lock().unwrap().push(Copy {
+            member: member.to_owned(),
+            channel,
+        });
+    }
+
+    /// Forgets (and closes) the copy on `member`'s connection.
+    pub async fn remove_copies_of(&self, member: &str) {
+        let removed: Vec<Arc<dyn DataChannel>> = {
+            let mut copies = self.copies.lock().unwrap();
+            let (gone, kept) = copies.drain(..).partition(|c| c.member == member);
+            *copies = kept;
+            gone.into_iter().map(|c| c.channel).collect()
+        };
+        for channel in removed {
+            let _ = channel.close().await;
+        }
+    }
+
+    pub fn has_copy_for(&self, member: &str) -> bool {
+        self.copies
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.member == member)
+    }
+
+    /// Relays the publisher's messages until its channel closes; then closes every copy.
+    pub async fn relay(self: Arc<Self>, channel: Arc<dyn DataChannel>) {
+        while let Some(event) = channel.poll().await {
+            match event {
+                DataChannelEvent::OnMessage(message) => {
+                    let targets: Vec<Arc<dyn DataChannel>> = self
+                        .copies
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|c| c.channel.clone())
+                        .collect();
+                    for target in targets {
+                        let sent = if message.is_string {
+                            match std::str::from_utf8(&message.data) {
+                                Ok(text) => target.send_text(text).await,
+                                Err(_) => target.send(message.data.clone()).await,
+                            }
+                        } else {
+                            target.send(BytesMut::from(&message.data[..])).await
+                        };
+                        if let Err(e) = sent {
+                            // Not open yet, or closing: that member misses this message.
+                            debug!(label = %self.label, "data channel relay: {e}");
+                        }
+                    }
+                }
+                DataChannelEvent::OnClose => break,
+                _ => {}
+            }
+        }
+        let copies: Vec<Arc<dyn DataChannel>> = self
+            .copies
+            .lock()
+            .unwrap()
+            .drain(..)
+            .map(|c| c.channel)
+            .collect();
+        for copy in copies {
+            let _ = copy.close().await;
+        }
+    }
+}
+
+/// Every channel must be polled, or webrtc stops reading its association.
+async fn drain(channel: Arc<dyn DataChannel>) {
+    while let Some(event) = channel.poll().await {
+        if matches!(event, DataChannelEvent::OnClose) {
+            break;
+        }
+    }
+}

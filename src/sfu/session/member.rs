@@ -1,0 +1,376 @@
+//! One member's two peer connections: the publisher (client offers) and the subscriber (server
+//! offers), trickle ICE both ways, and the subscriber's negotiation, serialized and coalesced.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rtc::peer_connection::configuration::RTCOfferOptions;
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, warn};
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::peer_connection::{PeerConnection, RTCIceCandidateInit, RTCSessionDescription};
+use webrtc::rtp_transceiver::RtpSender;
+
+use super::peer::{advertise_ip, advertise_ip_in_sdp};
+use super::track::TrackCommand;
+use crate::sfu::api::{IceCandidate, PcKind, SfuError, SfuEvent};
+use crate::sfu::forward::{DownTrackConfig, DownTrackId, Quality};
+
+/// Changes arriving within this window are negotiated in one offer.
+pub const COALESCE: Duration = Duration::from_millis(30);
+/// An offer without an answer for this long is given up (the next change offers again).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One forwarded track on this member's subscriber connection.
+#[derive(Clone)]
+pub struct DownEntry {
+    pub owner: String,
+    pub track_id: String,
+    pub down_id: DownTrackId,
+    pub config: DownTrackConfig,
+    pub sender: Arc<dyn RtpSender>,
+    pub local: Arc<TrackLocalStaticRTP>,
+    pub commands: mpsc::UnboundedSender<TrackCommand>,
+    pub mime: String,
+    /// The publisher's header-extension ids by URI, for the forwarded extensions.
+    pub publisher_ext_ids: Vec<(String, u8)>,
+}
+
+/// Candidates wait here until the description they belong to has been sent.
+#[derive(Default)]
+struct CandidateGate {
+    open: bool,
+    held: Vec<Option<IceCandidate>>,
+}
+
+/// Remote candidates wait here until a remote description is set.
+#[derive(Default)]
+struct RemoteCandidates {
+    ready: bool,
+    held: Vec<RTCIceCandidateInit>,
+}
+
+pub struct Leg {
+    pub pc: Arc<dyn PeerConnection>,
+    gate: Mutex<CandidateGate>,
+    remote: tokio::sync::Mutex<RemoteCandidates>,
+    /// Serializes the client's offers on this connection.
+    pub offers: tokio::sync::Mutex<()>,
+}
+
+impl Leg {
+    pub fn new(pc: Arc<dyn PeerConnection>) -> Leg {
+        Leg {
+            pc,
+            gate: Mutex::new(CandidateGate::default()),
+            remote: tokio::sync::Mutex::new(RemoteCandidates::default()),
+            offers: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+pub struct Member {
+    pub user_id: String,
+    pub room_id: String,
+    /// The signaling connection this media session belongs to.
+    pub session: String,
+    pub publisher: tokio::sync::Mutex<Option<Arc<Leg>>>,
+    pub subscriber: Arc<Leg>,
+    events: mpsc::UnboundedSender<SfuEvent>,
+    public_ip: Option<String>,
+    /// Serializes everything that changes the subscriber connection.
+    pub sub_ops: tokio::sync::Mutex<()>,
+    pub downs: Mutex<Vec<DownEntry>>,
+    /// Tracks (owner, track id) this member said it does not want.
+    pub unsubscribed: Mutex<HashSet<(String, String)>>,
+    pub quality: Mutex<HashMap<(String, String), Quality>>,
+    pub has_channels: AtomicBool,
+    negotiate: Notify,
+    answered: Notify,
+    pub closed: AtomicBool,
+}
+
+impl Member {
+    pub fn new(
+        user_id: &str,
+        room_id: &str,
+        session: &str,
+        subscriber: Arc<dyn PeerConnection>,
+        events: mpsc::UnboundedSender<SfuEvent>,
+        public_ip: Option<String>,
+    ) -> Member {
+        Member {
+            user_id: user_id.to_owned(),
+            room_id: room_id.to_owned(),
+            session: session.to_owned(),
+            publisher: tokio::sync::Mutex::new(None),
+            subscriber: Arc::new(Leg::new(subscriber)),
+            events,
+            public_ip,
+            sub_ops: tokio::sync::Mutex::new(()),
+            downs: Mutex::new(Vec::new()),
+            unsubscribed: Mutex::new(HashSet::new()),
+            quality: Mutex::new(HashMap::new()),
+            has_channels: AtomicBool::new(false),
+            negotiate: Notify::new(),
+            answered: Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn wants(&self, owner: &str, track_id: &str) -> bool {
+        owner != self.user_id
+            && !self
+                .unsubscribed
+                .lock()
+                .unwrap()
+                .contains(&(owner.to_owned(), track_id.to_owned()))
+    }
+
+    pub fn has_down(&self, owner: &str, track_id: &str) -> bool {
+        self.downs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|d| d.owner == owner && d.track_id == track_id)
+    }
+
+    /// Asks for a subscriber (re-)negotiation; several requests close together make one offer.
+    pub fn renegotiate(&self) {
+        self.negotiate.notify_one();
+    }
+
+    fn sdp_for_client(&self, sdp: String) -> String {
+        match &self.public_ip {
+            Some(ip) => advertise_ip_in_sdp(&sdp, ip),
+            None => sdp,
+        }
+    }
+
+    fn emit_sdp(&self, pc: PcKind, sdp_type: &'static str, sdp: String) {
+        let _ = self.events.send(SfuEvent::Sdp {
+            user_id: self.user_id.clone(),
+            pc,
+            sdp_type,
+            sdp: self.sdp_for_client(sdp),
+        });
+    }
+
+    /// Sends a local candidate now, or once the description it belongs to has gone out.
+    pub fn local_candidate(&self, leg: &Leg, kind: PcKind, candidate: Option<IceCandidate>) {
+        let candidate = candidate.map(|mut c| {
+            if let Some(ip) = &self.public_ip {
+                c.candidate = advertise_ip(&c.candidate, ip);
+            }
+            c
+        });
+        let mut gate = leg.gate.lock().unwrap();
+        if gate.open {
+            self.emit_candidate(kind, candidate);
+        } else {
+            gate.held.push(candidate);
+        }
+    }
+
+    fn emit_candidate(&self, pc: PcKind, candidate: Option<IceCandidate>) {
+        let _ = self.events.send(SfuEvent::Candidate {
+            user_id: self.user_id.clone(),
+            pc,
+            candidate,
+        });
+    }
+
+    fn open_gate(&self, leg: &Leg, kind: PcKind) {
+        let held = {
+            let mut gate = leg.gate.lock().unwrap();
+            gate.open = true;
+            std::mem::take(&mut gate.held)
+        };
+        for c in held {
+            self.emit_candidate(kind, c);
+        }
+    }
+
+    /// A candidate from the client; held until the connection has a remote description.
+    pub async fn remote_candidate(
+        leg: &Leg,
+        candidate: Option<IceCandidate>,
+    ) -> Result<(), SfuError> {
+        let Some(c) = candidate else { return Ok(()) }; // end of candidates: nothing to do
+        let init = RTCIceCandidateInit {
+            candidate: c.candidate,
+            sdp_mid: c.sdp_mid,
+            sdp_mline_index: c.sdp_mline_index,
+            username_fragment: c.username_fragment,
+            url: None,
+        };
+        let mut remote = leg.remote.lock().await;
+        if !remote.ready {
+            remote.held.push(init);
+            return Ok(());
+        }
+        leg.pc
+            .add_ice_candidate(init)
+            .await
+            .map_err(|e| SfuError::BadCandidate(e.to_string()))
+    }
+
+    async fn remote_description_set(leg: &Leg) {
+        let mut remote = leg.remote.lock().await;
+        remote.ready = true;
+        for init in std::mem::take(&mut remote.held) {
+            if let Err(e) = leg.pc.add_ice_candidate(init).await {
+                debug!("dropping a bad early candidate: {e}");
+            }
+        }
+    }
+
+    /// The client's publisher offer: apply it and send the answer.
+    pub async fn publisher_offer(&self, leg: &Leg, sdp: String) -> Result<(), SfuError> {
+        let offer =
+            RTCSessionDescription::offer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        leg.pc
+            .set_remote_description(offer)
+            .await
+            .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        Self::remote_description_set(leg).await;
+        let answer = leg
+            .pc
+            .create_answer(None)
+            .await
+            .map_err(|e| SfuError::Internal(e.to_string()))?;
+        leg.pc
+            .set_local_description(answer)
+            .await
+            .map_err(|e| SfuError::Internal(e.to_string()))?;
+        let local = leg
+            .pc
+            .local_description()
+            .await
+            .ok_or_else(|| SfuError::Internal("no local description".into()))?;
+        self.emit_sdp(PcKind::Publisher, "answer", local.sdp);
+        self.open_gate(leg, PcKind::Publisher);
+        Ok(())
+    }
+
+    /// The client's answer to the subscriber offer; learns each down-track's payload type and
+    /// extension ids from what was negotiated.
+    pub async fn subscriber_answer(&self, sdp: String) -> Result<(), SfuError> {
+        let answer =
+            RTCSessionDescription::answer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        {
+            let _ops = self.sub_ops.lock().await;
+            self.subscriber
+                .pc
+                .set_remote_description(answer)
+                .await
+                .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+        }
+        Self::remote_description_set(&self.subscriber).await;
+        self.configure_downs().await;
+        self.answered.notify_one();
+        Ok(())
+    }
+
+    async fn configure_downs(&self) {
+        // Clone what is needed: the std lock cannot be held across the awaits below.
+        let entries: Vec<DownEntry> = self
+            .downs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(DownEntry::clone)
+            .collect();
+        for entry in entries {
+            let Ok(params) = entry.sender.get_parameters().await else {
+                continue;
+            };
+            let rtp = &params.rtp_parameters;
+            let mut config = entry.config.clone();
+            config.payload_type = rtp
+                .codecs
+                .iter()
+                .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(&entry.mime))
+                .map(|c| c.payload_type);
+            config.ext_map = Default::default();
+            for ext in &rtp.header_extensions {
+                if let Some((_, publisher_id)) = entry
+                    .publisher_ext_ids
+                    .iter()
+                    .find(|(uri, _)| *uri == ext.uri)
+                {
+                    config.ext_map.insert(*publisher_id, ext.id as u8);
+                }
+            }
+            if config.payload_type.is_none() {
+                debug!(user = %self.user_id, mime = %entry.mime, "subscriber did not accept the codec: track not sent");
+            }
+            if let Some(d) = self
+                .downs
+                .lock()
+                .unwrap()
+                .iter_mut()
+                .find(|d| d.down_id == config.id)
+            {
+                d.config = config.clone();
+            }
+            let _ = entry.commands.send(TrackCommand::Configure(config));
+        }
+    }
+
+    /// The subscriber's negotiation loop: one offer at a time, changes coalesced.
+    pub async fn negotiate_loop(self: Arc<Self>) {
+        loop {
+            self.negotiate.notified().await;
+            tokio::time::sleep(COALESCE).await;
+            if self.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            let offered = {
+                let _ops = self.sub_ops.lock().await;
+                self.offer_subscriber().await
+            };
+            match offered {
+                Ok(()) => {
+                    if tokio::time::timeout(ANSWER_TIMEOUT, self.answered.notified())
+                        .await
+                        .is_err()
+                    {
+                        warn!(user = %self.user_id, "no answer to the subscriber offer");
+                    }
+                }
+                Err(e) => warn!(user = %self.user_id, "subscriber offer failed: {e}"),
+            }
+        }
+    }
+
+    async fn offer_subscriber(&self) -> Result<(), SfuError> {
+        let pc = &self.subscriber.pc;
+        let internal = |e: webrtc::error::Error| SfuError::Internal(e.to_string());
+        let offer = pc
+            .create_offer(None::<RTCOfferOptions>)
+            .await
+            .map_err(internal)?;
+        pc.set_local_description(offer).await.map_err(internal)?;
+        let local = pc
+            .local_description()
+            .await
+            .ok_or_else(|| SfuError::Internal("no local description".into()))?;
+        self.emit_sdp(PcKind::Subscriber, "offer", local.sdp);
+        self.open_gate(&self.subscriber, PcKind::Subscriber);
+        Ok(())
+    }
+
+    /// Closes both connections; every poll loop on them then ends.
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.negotiate.notify_one();
+        self.answered.notify_one();
+        if let Some(leg) = self.publisher.lock().await.take() {
+            let _ = leg.pc.close().await;
+        }
+        let _ = self.subscriber.pc.close().await;
+    }
+}

@@ -1,0 +1,154 @@
+//! What the SFU reads from a publisher's SDP offer that webrtc does not tell it: which tracks
+//! are still sent (a track removed by renegotiation never ends on the server side), their
+//! simulcast rids, and the header-extension ids the publisher uses.
+
+/// One `m=` section of an SDP.
+struct Section<'a> {
+    lines: Vec<&'a str>,
+}
+
+impl<'a> Section<'a> {
+    fn media(&self) -> &'a str {
+        self.lines[0]
+            .strip_prefix("m=")
+            .and_then(|m| m.split(' ').next())
+            .unwrap_or("")
+    }
+
+    fn rejected(&self) -> bool {
+        self.lines[0].split(' ').nth(1) == Some("0")
+    }
+
+    fn attr(&self, name: &str) -> impl Iterator<Item = &'a str> + '_ {
+        let prefix = format!("a={name}:");
+        self.lines
+            .iter()
+            .filter_map(move |l| l.strip_prefix(prefix.as_str()))
+    }
+
+    fn has_flag(&self, flag: &str) -> bool {
+        self.lines
+            .iter()
+            .any(|l| l.strip_prefix("a=") == Some(flag))
+    }
+
+    /// The track id of `a=msid:<stream> <track>`.
+    fn track_id(&self) -> Option<&'a str> {
+        self.attr("msid").find_map(|v| v.split(' ').nth(1))
+    }
+
+    fn sends(&self) -> bool {
+        let recv_only = self.has_flag("recvonly") || self.has_flag("inactive");
+        !self.rejected() && !recv_only && matches!(self.media(), "audio" | "video")
+    }
+}
+
+fn sections(sdp: &str) -> Vec<Section<'_>> {
+    let mut out: Vec<Section> = Vec::new();
+    for line in sdp.lines().map(str::trim_end) {
+        if line.starts_with("m=") {
+            out.push(Section { lines: vec![line] });
+        } else if let Some(s) = out.last_mut() {
+            s.lines.push(line);
+        }
+    }
+    out
+}
+
+fn section_of<'a>(sdp: &'a str, track_id: &str) -> Option<Section<'a>> {
+    sections(sdp)
+        .into_iter()
+        .find(|s| s.track_id() == Some(track_id))
+}
+
+/// Track ids the offer still sends.
+pub fn sending_track_ids(sdp: &str) -> Vec<String> {
+    sections(sdp)
+        .iter()
+        .filter(|s| s.sends())
+        .filter_map(|s| s.track_id().map(str::to_owned))
+        .collect()
+}
+
+/// The simulcast rids a track is sent with (`a=rid:<rid> send`), in SDP order.
+pub fn simulcast_rids(sdp: &str, track_id: &str) -> Vec<String> {
+    let Some(section) = section_of(sdp, track_id) else {
+        return Vec::new();
+    };
+    section
+        .attr("rid")
+        .filter_map(|v| {
+            let mut parts = v.split(' ');
+            let rid = parts.next()?;
+            (parts.next() == Some("send")).then(|| rid.to_owned())
+        })
+        .collect()
+}
+
+/// `(uri, id)` of the header extensions the track's section declares (`a=extmap:<id> <uri>`).
+pub fn extension_ids(sdp: &str, track_id: &str) -> Vec<(String, u8)> {
+    let Some(section) = section_of(sdp, track_id) else {
+        return Vec::new();
+    };
+    section
+        .attr("extmap")
+        .filter_map(|v| {
+            let (id, rest) = v.split_once(' ')?;
+            let id = id.split('/').next()?.parse().ok()?;
+            let uri = rest.split(' ').next()?;
+            Some((uri.to_owned(), id))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\n\
+a=extmap:4/sendonly http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\na=sendrecv\r\n\
+a=msid:alice a-1\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=extmap:13 urn:3gpp:video-orientation\r\na=sendonly\r\n\
+a=msid:alice v-1\r\na=rid:q send\r\na=rid:h send\r\na=rid:f send\r\na=simulcast:send q;h;f\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=inactive\r\na=msid:alice v-old\r\n\
+m=video 0 UDP/TLS/RTP/SAVPF 96\r\na=mid:3\r\na=msid:alice v-rejected\r\n\
+m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:4\r\n";
+
+    #[test]
+    fn finds_the_tracks_still_sent() {
+        assert_eq!(sending_track_ids(OFFER), ["a-1", "v-1"]);
+    }
+
+    #[test]
+    fn reads_simulcast_rids() {
+        assert_eq!(simulcast_rids(OFFER, "v-1"), ["q", "h", "f"]);
+        assert!(simulcast_rids(OFFER, "a-1").is_empty());
+        assert!(simulcast_rids(OFFER, "nope").is_empty());
+    }
+
+    #[test]
+    fn reads_extension_ids_per_track() {
+        assert_eq!(
+            extension_ids(OFFER, "a-1"),
+            [
+                ("urn:ietf:params:rtp-hdrext:ssrc-audio-level".to_owned(), 1),
+                (
+                    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
+                        .to_owned(),
+                    4
+                )
+            ]
+        );
+        assert_eq!(
+            extension_ids(OFFER, "v-1"),
+            [("urn:3gpp:video-orientation".to_owned(), 13)]
+        );
+    }
+
+    #[test]
+    fn garbage_yields_nothing() {
+        assert!(sending_track_ids("not an sdp\r\nm=\r\na=msid:").is_empty());
+        assert!(extension_ids("m=audio 9\r\na=extmap:x y\r\na=msid:s t", "t").is_empty());
+    }
+}

@@ -1,0 +1,248 @@
+//! PROTOCOL.md Part 2 at the edge: signaling with the reserved member `sfu`, the track events,
+//! and the SFU's notices turned into `msg` envelopes.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use socketioxide::extract::{AckSender, Event, Extension, SocketRef, State};
+use tracing::debug;
+
+use super::protocol::{Directed, Envelope, Refusal};
+use super::{App, Conn, accept, refuse};
+use crate::sfu::api::{IceCandidate, PcKind, SfuError, SfuEvent};
+use crate::sfu::forward::Quality;
+
+#[derive(Deserialize)]
+struct SdpBody {
+    #[serde(rename = "type")]
+    kind: String,
+    sdp: String,
+}
+
+#[derive(Deserialize)]
+struct SdpPayload {
+    #[serde(default)]
+    pc: Option<String>,
+    sdp: SdpBody,
+}
+
+#[derive(Deserialize)]
+struct CandidatePayload {
+    #[serde(default)]
+    pc: Option<String>,
+    candidate: Option<IceCandidate>,
+}
+
+/// `pc` as sent: absent means the publisher connection.
+fn pc_kind(pc: Option<&str>) -> Result<PcKind, Refusal> {
+    match pc {
+        None | Some("publisher") => Ok(PcKind::Publisher),
+        Some("subscriber") => Ok(PcKind::Subscriber),
+        Some(other) => Err(Refusal::Malformed(format!(
+            "pc must be \"publisher\" or \"subscriber\", not {other:?}"
+        ))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SubscribePayload {
+    track_ids: Vec<String>,
+    subscribe: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct QualityPayload {
+    track_id: String,
+    quality: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MutePayload {
+    track_id: String,
+    muted: bool,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(payload: rmpv::Value) -> Result<T, Refusal> {
+    rmpv::ext::from_value(payload).map_err(|e| Refusal::Malformed(e.to_string()))
+}
+
+fn refusal(e: SfuError) -> Refusal {
+    let status = match e {
+        SfuError::BadSdp(_) | SfuError::BadCandidate(_) => 400,
+        SfuError::NotYourTrack(_) => 403,
+        SfuError::UnknownTrack(_) => 404,
+        SfuError::NoConnection(_) => 409,
+        SfuError::Internal(_) => 500,
+    };
+    Refusal::Media {
+        status,
+        reason: e.to_string(),
+    }
+}
+
+fn room_of(conn: &Conn) -> Result<&str, Refusal> {
+    conn.room_id.as_deref().ok_or(Refusal::NoRoom)
+}
+
+/// `call` / `offer` / `answer` / `candidate` with `targetUid: "sfu"`.
+pub async fn to_sfu(
+    kind: Directed,
+    app: &super::Signal,
+    conn: &Conn,
+    payload: rmpv::Value,
+) -> Result<(), Refusal> {
+    let room = room_of(conn)?;
+    let (sfu, user, session) = (&app.sfu, conn.user_id.as_str(), conn.token.as_str());
+    match kind {
+        Directed::Call => sfu.join(user, room, session).await.map(drop),
+        Directed::Offer => {
+            let p: SdpPayload = parse(payload)?;
+            if pc_kind(p.pc.as_deref())? != PcKind::Publisher || p.sdp.kind != "offer" {
+                return Err(Refusal::Malformed(
+                    "the client offers on the publisher connection only".into(),
+                ));
+            }
+            sfu.offer(user, room, session, p.sdp.sdp).await
+        }
+        Directed::Answer => {
+            let p: SdpPayload = parse(payload)?;
+            if pc_kind(p.pc.as_deref())? != PcKind::Subscriber || p.sdp.kind != "answer" {
+                return Err(Refusal::Malformed(
+                    "the client answers on the subscriber connection only".into(),
+                ));
+            }
+            sfu.answer(user, session, p.sdp.sdp).await
+        }
+        Directed::Candidate => {
+            let p: CandidatePayload = parse(payload)?;
+            let pc = pc_kind(p.pc.as_deref())?;
+            sfu.candidate(user, room, session, pc, p.candidate).await
+        }
+    }
+    .map_err(refusal)
+}
+
+/// `tracks`, `subscribe`, `setQuality`, `mute` and `leave`.
+pub async fn on_media_event(
+    s: SocketRef,
+    Event(event): Event,
+    State(app): State<App>,
+    Extension(conn): Extension<std::sync::Arc<Conn>>,
+    ack: AckSender,
+    incoming: super::incoming::Incoming,
+) {
+    let result = match accept(&app, incoming) {
+        Ok(payload) => media_event(&event, &s, &app, &conn, payload).await,
+        Err(r) => Err(r),
+    };
+    match result {
+        Ok(reply) => {
+            let _ = ack.send(&reply);
+        }
+        Err(refusal) => {
+            refuse(&s, &event, &refusal);
+            let _ = ack.send(&refusal.envelope(&event));
+        }
+    }
+}
+
+async fn media_event(
+    event: &str,
+    s: &SocketRef,
+    app: &App,
+    conn: &Conn,
+    payload: rmpv::Value,
+) -> Result<Value, Refusal> {
+    let room = room_of(conn)?;
+    let (sfu, user, session) = (&app.sfu, conn.user_id.as_str(), conn.token.as_str());
+    match event {
+        "tracks" => {
+            let tracks = json!(sfu.tracks(room));
+            let _ = s.emit("tracks", &tracks);
+            Ok(tracks)
+        }
+        "subscribe" => {
+            let p: SubscribePayload = parse(payload)?;
+            sfu.subscribe(user, session, &p.track_ids, p.subscribe)
+                .await
+                .map_err(refusal)?;
+            Ok(json!({"ok": true}))
+        }
+        "setQuality" => {
+            let p: QualityPayload = parse(payload)?;
+            let quality = Quality::parse(&p.quality)
+                .ok_or_else(|| Refusal::Malformed("quality must be low, medium or high".into()))?;
+            sfu.set_quality(user, session, &p.track_id, quality)
+                .await
+                .map_err(refusal)?;
+            Ok(json!({"ok": true}))
+        }
+        "mute" => {
+            let p: MutePayload = parse(payload)?;
+            sfu.mute(user, room, &p.track_id, p.muted)
+                .map_err(refusal)?;
+            Ok(json!({"ok": true}))
+        }
+        "leave" => {
+            sfu.leave(user, session).await;
+            Ok(json!({"ok": true}))
+        }
+        _ => Err(Refusal::UnknownEvent),
+    }
+}
+
+/// Events the edge handles for the SFU, besides the directed four.
+pub const MEDIA_EVENTS: [&str; 5] = ["tracks", "subscribe", "setQuality", "mute", "leave"];
+
+/// An SFU notice as the envelope (and audience) the protocol gives it.
+pub enum Delivery {
+    User(String, Envelope<Value>),
+    Room(String, Envelope<Value>),
+}
+
+pub fn delivery(event: SfuEvent) -> Delivery {
+    match event {
+        SfuEvent::Sdp {
+            user_id,
+            pc,
+            sdp_type,
+            sdp,
+        } => {
+            let (kind, text) = if sdp_type == "offer" {
+                ("offer", Directed::Offer.text())
+            } else {
+                ("answer", Directed::Answer.text())
+            };
+            let data = json!({"fromUid": "sfu", "pc": pc, "sdp": {"type": sdp_type, "sdp": sdp}});
+            Delivery::User(user_id, Envelope::ok(kind, text, data))
+        }
+        SfuEvent::Candidate {
+            user_id,
+            pc,
+            candidate,
+        } => {
+            let data = json!({"fromUid": "sfu", "pc": pc, "candidate": candidate});
+            Delivery::User(
+                user_id,
+                Envelope::ok("candidate", Directed::Candidate.text(), data),
+            )
+        }
+        SfuEvent::TrackPublished { room_id, track } => {
+            debug!(room = %room_id, track = %track.track_id, "trackPublished");
+            Delivery::Room(
+                room_id,
+                Envelope::ok("trackPublished", "track published", json!(track)),
+            )
+        }
+        SfuEvent::TrackUnpublished { room_id, track } => Delivery::Room(
+            room_id,
+            Envelope::ok("trackUnpublished", "track unpublished", json!(track)),
+        ),
+        SfuEvent::TrackMuted { room_id, track } => Delivery::Room(
+            room_id,
+            Envelope::ok("trackMuted", "track muted", json!(track)),
+        ),
+    }
+}

@@ -1,0 +1,540 @@
+//! A webrtc-rs participant for the SFU tests: socket.io signaling with `sfu`, a publisher
+//! connection sending synthetic Opus and VP8 (and a data channel), and a subscriber connection
+//! recording every track and channel it receives. Loopback only, no STUN, no mDNS.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use serde_json::{Value, json};
+use switchboard::client::{Client, Packet};
+use switchboard::config::Config;
+use switchboard::sfu::api::IceCandidate;
+use switchboard::sfu::session::peer::{PeerEvent, PeerFactory};
+use tokio::sync::mpsc;
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{PeerConnection, RTCIceCandidateInit, RTCSessionDescription};
+
+use super::query;
+
+pub const AUDIO_SSRC: u32 = 0xA000;
+pub const VIDEO_SSRC: u32 = 0xB000;
+
+/// What a subscriber saw of one forwarded track.
+#[derive(Debug, Clone, Default)]
+pub struct Received {
+    pub stream_id: String,
+    pub track_id: String,
+    pub kind: String,
+    pub packets: u64,
+    pub first_payloads: Vec<Bytes>,
+    pub ssrc: u32,
+    pub ended: bool,
+}
+
+/// What a subscriber saw of one relayed data channel.
+#[derive(Debug, Clone, Default)]
+pub struct ReceivedChannel {
+    pub label: String,
+    pub protocol: String,
+    pub ordered: bool,
+    pub max_retransmits: Option<u16>,
+    pub texts: Vec<String>,
+    pub binaries: Vec<Vec<u8>>,
+}
+
+#[derive(Default)]
+pub struct Observed {
+    pub tracks: Mutex<HashMap<String, Received>>, // by "<stream> <track>"
+    pub channels: Mutex<Vec<ReceivedChannel>>,
+    pub envelopes: Mutex<Vec<Value>>,
+    pub subscriber_offers: AtomicU64,
+    pub plis_at_publisher: AtomicU64,
+    pub remote_tracks: Mutex<Vec<Arc<dyn TrackRemote>>>,
+}
+
+pub struct TestPeer {
+    pub user: String,
+    pub observed: Arc<Observed>,
+    out: mpsc::UnboundedSender<(String, Value)>,
+    publisher: Arc<dyn PeerConnection>,
+    subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
+    pub chat: Option<Arc<dyn DataChannel>>,
+    pub chat_open: Arc<AtomicBool>,
+    running: Arc<AtomicBool>,
+    pub audio_id: String,
+    pub video_id: String,
+}
+
+fn factory() -> PeerFactory {
+    PeerFactory::new(Config::defaults().media)
+}
+
+fn local_track(user: &str, id: &str, kind: RtpCodecKind, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
+    let codec = match kind {
+        RtpCodecKind::Audio => RTCRtpCodec {
+            mime_type: "audio/opus".into(),
+            clock_rate: 48_000,
+            channels: 2,
+            sdp_fmtp_line: "minptime=10;useinbandfec=1".into(),
+            rtcp_feedback: vec![],
+        },
+        _ => RTCRtpCodec {
+            mime_type: "video/VP8".into(),
+            clock_rate: 90_000,
+            channels: 0,
+            sdp_fmtp_line: String::new(),
+            rtcp_feedback: vec![],
+        },
+    };
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        user.to_owned(),
+        id.to_owned(),
+        id.to_owned(),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            codec,
+            ..Default::default()
+        }],
+    )))
+}
+
+/// The payload a publisher sends: who, which kind, which packet (VP8 with a descriptor).
+pub fn payload(user_index: u8, video: bool, n: u32, keyframe: bool) -> Bytes {
+    let mut p = Vec::with_capacity(40);
+    if video {
+        p.push(0x10); // VP8: start of partition 0
+        p.push(if keyframe { 0x00 } else { 0x01 });
+    } else {
+        p.push(0xFC);
+    }
+    p.push(user_index);
+    p.extend_from_slice(&n.to_be_bytes());
+    p.extend_from_slice(&[0xAB; 24]);
+    Bytes::from(p)
+}
+
+fn candidate_init(c: IceCandidate) -> RTCIceCandidateInit {
+    RTCIceCandidateInit {
+        candidate: c.candidate,
+        sdp_mid: c.sdp_mid,
+        sdp_mline_index: c.sdp_mline_index,
+        username_fragment: c.username_fragment,
+        url: None,
+    }
+}
+
+impl TestPeer {
+    /// Joins `room`, publishes one Opus and one VP8 track and a "chat" channel (when `publish`),
+    /// and starts sending media (user_index marks the payloads).
+    pub async fn join(
+        addr: SocketAddr,
+        user: &str,
+        room: &str,
+        user_index: u8,
+        publish: bool,
+    ) -> TestPeer {
+        let client = Client::connect(addr, &query(user, Some(room)))
+            .await
+            .expect("signaling connects");
+        let observed = Arc::new(Observed::default());
+        let (pc, mut pub_events) = factory().build().await.expect("publisher pc");
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<(String, Value)>();
+        let subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Arc::default();
+        let running = Arc::new(AtomicBool::new(true));
+        let audio_id = format!("{user}-audio");
+        let video_id = format!("{user}-video");
+
+        // Publisher candidates go to the sfu.
+        {
+            let out = out_tx.clone();
+            tokio::spawn(async move {
+                while let Some(e) = pub_events.recv().await {
+                    if let PeerEvent::Candidate(c) = e {
+                        let _ = out.send((
+                            "candidate".into(),
+                            json!({"targetUid": "sfu", "pc": "publisher", "candidate": c}),
+                        ));
+                    }
+                }
+            });
+        }
+        tokio::spawn(dispatch(
+            client,
+            out_rx,
+            out_tx.clone(),
+            pc.clone(),
+            subscriber.clone(),
+            observed.clone(),
+        ));
+
+        let mut chat = None;
+        let chat_open = Arc::new(AtomicBool::new(false));
+        if publish {
+            let audio = local_track(
+                user,
+                &audio_id,
+                RtpCodecKind::Audio,
+                AUDIO_SSRC + user_index as u32,
+            );
+            let video = local_track(
+                user,
+                &video_id,
+                RtpCodecKind::Video,
+                VIDEO_SSRC + user_index as u32,
+            );
+            pc.add_track(audio.clone() as Arc<dyn TrackLocal>)
+                .await
+                .unwrap();
+            pc.add_track(video.clone() as Arc<dyn TrackLocal>)
+                .await
+                .unwrap();
+            let dc = pc.create_data_channel("chat", None).await.unwrap();
+            {
+                let (dc, open) = (dc.clone(), chat_open.clone());
+                tokio::spawn(async move {
+                    while let Some(e) = dc.poll().await {
+                        if matches!(e, DataChannelEvent::OnOpen) {
+                            open.store(true, Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+            chat = Some(dc);
+            tokio::spawn(send_media(
+                audio,
+                video.clone(),
+                user_index,
+                running.clone(),
+            ));
+            // PLIs that reach this publisher.
+            let obs = observed.clone();
+            tokio::spawn(async move {
+                while let Some(TrackLocalEvent::OnRtcpPacket(pkts)) = video.poll().await {
+                    if pkts
+                        .iter()
+                        .any(|p| p.as_any().is::<PictureLossIndication>())
+                    {
+                        obs.plis_at_publisher.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+            let offer = pc.create_offer(None).await.unwrap();
+            pc.set_local_description(offer.clone()).await.unwrap();
+            let _ = out_tx.send((
+                "offer".into(),
+                json!({"targetUid": "sfu", "pc": "publisher", "sdp": {"type": "offer", "sdp": offer.sdp}}),
+            ));
+        } else {
+            let _ = out_tx.send(("call".into(), json!({"targetUid": "sfu"})));
+        }
+        TestPeer {
+            user: user.to_owned(),
+            observed,
+            out: out_tx,
+            publisher: pc,
+            subscriber,
+            chat,
+            chat_open,
+            running,
+            audio_id,
+            video_id,
+        }
+    }
+
+    pub fn emit(&self, event: &str, data: Value) {
+        let _ = self.out.send((event.to_owned(), data));
+    }
+
+    /// Tracks received from `publisher` (stream id) that carried packets.
+    pub fn tracks_from(&self, publisher: &str) -> Vec<Received> {
+        self.observed
+            .tracks
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| r.stream_id == publisher && r.packets > 0 && !r.ended)
+            .cloned()
+            .collect()
+    }
+
+    pub fn live_tracks(&self) -> Vec<Received> {
+        self.observed
+            .tracks
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| !r.ended)
+            .cloned()
+            .collect()
+    }
+
+    /// One line per received track, for assertion messages.
+    pub fn summary(&self) -> String {
+        let tracks = self.observed.tracks.lock().unwrap();
+        let mut lines: Vec<String> = tracks
+            .values()
+            .map(|r| {
+                format!(
+                    "{} {} {} packets={} ended={}",
+                    r.stream_id, r.track_id, r.kind, r.packets, r.ended
+                )
+            })
+            .collect();
+        lines.sort();
+        lines.join("; ")
+    }
+
+    pub fn envelopes_of(&self, kind: &str) -> Vec<Value> {
+        self.observed
+            .envelopes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .cloned()
+            .collect()
+    }
+
+    /// Sends a PLI for the forwarded video track from `publisher`, as a browser would.
+    pub async fn send_pli_for(&self, publisher: &str) -> bool {
+        let tracks: Vec<Arc<dyn TrackRemote>> = self.observed.remote_tracks.lock().unwrap().clone();
+        for t in tracks {
+            if t.stream_id().await == publisher && t.kind().await == RtpCodecKind::Video {
+                let ssrc = t.ssrcs().await.first().copied().unwrap_or(0);
+                let pli = PictureLossIndication {
+                    sender_ssrc: 0,
+                    media_ssrc: ssrc,
+                };
+                return t.write_rtcp(vec![Box::new(pli)]).await.is_ok();
+            }
+        }
+        false
+    }
+
+    pub async fn close(self) {
+        self.running.store(false, Ordering::SeqCst);
+        let _ = self.publisher.close().await;
+        let sub = self.subscriber.lock().unwrap().take();
+        if let Some(pc) = sub {
+            let _ = pc.close().await;
+        }
+        let _ = self.out.send(("__close".into(), Value::Null));
+    }
+}
+
+/// Opus every 20 ms and VP8 every 33 ms (a keyframe every 30 frames), payloads marked.
+async fn send_media(
+    audio: Arc<TrackLocalStaticRTP>,
+    video: Arc<TrackLocalStaticRTP>,
+    user_index: u8,
+    running: Arc<AtomicBool>,
+) {
+    let mut n: u32 = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while running.load(Ordering::SeqCst) {
+        tick.tick().await;
+        n += 1;
+        if n.is_multiple_of(2) {
+            let seq = (n / 2) as u16;
+            let p = rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    payload_type: 111,
+                    sequence_number: seq,
+                    timestamp: seq as u32 * 960,
+                    ssrc: AUDIO_SSRC + user_index as u32,
+                    ..Default::default()
+                },
+                payload: payload(user_index, false, seq as u32, false),
+            };
+            let _ = audio.write_rtp(p).await;
+        }
+        if n.is_multiple_of(3) {
+            let frame = n / 3;
+            let p = rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    marker: true,
+                    payload_type: 96,
+                    sequence_number: frame as u16,
+                    timestamp: frame * 3000,
+                    ssrc: VIDEO_SSRC + user_index as u32,
+                    ..Default::default()
+                },
+                payload: payload(user_index, true, frame, frame % 30 == 1),
+            };
+            let _ = video.write_rtp(p).await;
+        }
+    }
+}
+
+/// Owns the socket.io client: answers server offers, applies answers and candidates, and
+/// records envelopes; sends what the test queues.
+async fn dispatch(
+    mut client: Client,
+    mut out: mpsc::UnboundedReceiver<(String, Value)>,
+    out_tx: mpsc::UnboundedSender<(String, Value)>,
+    publisher: Arc<dyn PeerConnection>,
+    subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
+    observed: Arc<Observed>,
+) {
+    loop {
+        tokio::select! {
+            o = out.recv() => match o {
+                Some((event, _)) if event == "__close" => { client.close(); return; }
+                Some((event, data)) => { let _ = client.emit(&event, &data); }
+                None => return,
+            },
+            p = client.recv(Duration::from_secs(3600)) => {
+                let Ok(Packet::Event { name, args, .. }) = p else {
+                    if p.is_err() { return; }
+                    continue;
+                };
+                if name != "msg" { continue; }
+                let m = args.into_iter().next().unwrap_or(Value::Null);
+                observed.envelopes.lock().unwrap().push(m.clone());
+                let data = &m["data"];
+                if data["fromUid"] != "sfu" { continue; }
+                let pc_kind = data["pc"].as_str().unwrap_or("");
+                match (m["type"].as_str().unwrap_or(""), pc_kind) {
+                    ("answer", "publisher") => {
+                        let sdp = data["sdp"]["sdp"].as_str().unwrap_or("").to_owned();
+                        publisher.set_remote_description(RTCSessionDescription::answer(sdp).unwrap()).await.unwrap();
+                    }
+                    ("offer", "subscriber") => {
+                        observed.subscriber_offers.fetch_add(1, Ordering::SeqCst);
+                        let pc = ensure_subscriber(&subscriber, &observed, &out_tx).await;
+                        let sdp = data["sdp"]["sdp"].as_str().unwrap_or("").to_owned();
+                        pc.set_remote_description(RTCSessionDescription::offer(sdp).unwrap()).await.unwrap();
+                        let answer = pc.create_answer(None).await.unwrap();
+                        pc.set_local_description(answer.clone()).await.unwrap();
+                        let _ = client.emit("answer", &json!({"targetUid": "sfu", "pc": "subscriber", "sdp": {"type": "answer", "sdp": answer.sdp}}));
+                    }
+                    ("candidate", kind) => {
+                        let Ok(c) = serde_json::from_value::<IceCandidate>(data["candidate"].clone()) else { continue };
+                        let pc = if kind == "publisher" { Some(publisher.clone()) } else { subscriber.lock().unwrap().clone() };
+                        if let Some(pc) = pc {
+                            let _ = pc.add_ice_candidate(candidate_init(c)).await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+async fn ensure_subscriber(
+    slot: &Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
+    observed: &Arc<Observed>,
+    out: &mpsc::UnboundedSender<(String, Value)>,
+) -> Arc<dyn PeerConnection> {
+    if let Some(pc) = slot.lock().unwrap().clone() {
+        return pc;
+    }
+    let (pc, mut events) = factory().build().await.expect("subscriber pc");
+    *slot.lock().unwrap() = Some(pc.clone());
+    let (obs, out) = (observed.clone(), out.clone());
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            match e {
+                PeerEvent::Candidate(c) => {
+                    let _ = out.send((
+                        "candidate".into(),
+                        json!({"targetUid": "sfu", "pc": "subscriber", "candidate": c}),
+                    ));
+                }
+                PeerEvent::Track(t) => {
+                    tokio::spawn(record_track(t, obs.clone()));
+                }
+                PeerEvent::DataChannel(dc) => {
+                    tokio::spawn(record_channel(dc, obs.clone()));
+                }
+                _ => {}
+            }
+        }
+    });
+    pc
+}
+
+async fn record_track(t: Arc<dyn TrackRemote>, observed: Arc<Observed>) {
+    observed.remote_tracks.lock().unwrap().push(t.clone());
+    let key = format!("{} {}", t.stream_id().await, t.track_id().await);
+    {
+        let mut tracks = observed.tracks.lock().unwrap();
+        let r = tracks.entry(key.clone()).or_default();
+        r.ended = false;
+    }
+    let (stream_id, track_id) = (t.stream_id().await, t.track_id().await);
+    let kind = format!("{}", t.kind().await);
+    while let Some(e) = t.poll().await {
+        match e {
+            TrackRemoteEvent::OnRtpPacket(p) => {
+                let mut tracks = observed.tracks.lock().unwrap();
+                let r = tracks.entry(key.clone()).or_default();
+                r.stream_id = stream_id.clone();
+                r.track_id = track_id.clone();
+                r.kind = kind.clone();
+                r.ssrc = p.header.ssrc;
+                r.packets += 1;
+                if r.first_payloads.len() < 20 {
+                    r.first_payloads.push(p.payload.clone());
+                }
+            }
+            TrackRemoteEvent::OnEnded => break,
+            _ => {}
+        }
+    }
+    if let Some(r) = observed.tracks.lock().unwrap().get_mut(&key) {
+        r.ended = true;
+    }
+}
+
+async fn record_channel(dc: Arc<dyn DataChannel>, observed: Arc<Observed>) {
+    let index = {
+        let mut channels = observed.channels.lock().unwrap();
+        channels.push(ReceivedChannel::default());
+        channels.len() - 1
+    };
+    let label = dc.label().await.unwrap_or_default();
+    let protocol = dc.protocol().await.unwrap_or_default();
+    let ordered = dc.ordered().await.unwrap_or(true);
+    let max_retransmits = dc.max_retransmits().await.ok().flatten();
+    {
+        let mut channels = observed.channels.lock().unwrap();
+        let c = &mut channels[index];
+        c.label = label;
+        c.protocol = protocol;
+        c.ordered = ordered;
+        c.max_retransmits = max_retransmits;
+    }
+    while let Some(e) = dc.poll().await {
+        if let DataChannelEvent::OnMessage(m) = e {
+            let mut channels = observed.channels.lock().unwrap();
+            if m.is_string {
+                channels[index]
+                    .texts
+                    .push(String::from_utf8_lossy(&m.data).into_owned());
+            } else {
+                channels[index].binaries.push(m.data.to_vec());
+            }
+        }
+    }
+}
