@@ -110,6 +110,11 @@ impl Server {
         &self.node_id
     }
 
+    /// Members with a media session on this node.
+    pub fn media_sessions(&self) -> usize {
+        self.signal.sfu.member_count()
+    }
+
     /// Graceful stop: every member leaves (rooms are told), the node's registry entries are
     /// removed at once, then the listener closes.
     pub async fn shutdown(self) {

@@ -6,8 +6,10 @@ mod common;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use common::peer::{TestPeer, payload};
-use common::{eventually, start};
+use std::sync::Arc;
+
+use common::peer::{Options, TestPeer, payload};
+use common::{Process, eventually, http_get, start};
 
 const MEDIA_WAIT: Duration = Duration::from_secs(20);
 
@@ -118,4 +120,315 @@ async fn three_members_exchange_media_and_data_through_the_server() {
         p.close().await;
     }
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_gets_everything_and_leaving_removes_it_everywhere() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, true).await;
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(&a, &[("bob", 2)])).await,
+        "{}",
+        a.summary()
+    );
+
+    // A late joiner that only receives: everything already published, and the channels.
+    let d = TestPeer::join(addr, "dave", "R", 4, false).await;
+    let late = eventually(MEDIA_WAIT, || {
+        receives_exactly(&d, &[("alice", 1), ("bob", 2)])
+            && d.observed.channels.lock().unwrap().len() == 2
+    })
+    .await;
+    assert!(late, "{}", d.summary());
+    // `tracks` lists what is published in the room.
+    d.emit("tracks", serde_json::json!({}));
+
+    // Bob leaves: his tracks end for everyone, the others keep flowing.
+    b.close().await;
+    let gone = eventually(MEDIA_WAIT, || {
+        d.tracks_from("bob").is_empty()
+            && a.tracks_from("bob").is_empty()
+            && d.envelopes_of("trackUnpublished").len() == 2
+    })
+    .await;
+    assert!(
+        gone,
+        "dave: {} / {:?}",
+        d.summary(),
+        d.envelopes_of("trackUnpublished")
+    );
+    let before = d
+        .tracks_from("alice")
+        .iter()
+        .map(|r| r.packets)
+        .sum::<u64>();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        d.tracks_from("alice")
+            .iter()
+            .map(|r| r.packets)
+            .sum::<u64>()
+            > before,
+        "alice still flows"
+    );
+    let unpublished: Vec<String> = d
+        .envelopes_of("trackUnpublished")
+        .iter()
+        .map(|e| e["data"]["trackId"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        unpublished.contains(&"bob-audio".to_owned())
+            && unpublished.contains(&"bob-video".to_owned())
+    );
+    a.close().await;
+    d.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selective_subscription_and_mute() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, true).await;
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
+        "{}",
+        b.summary()
+    );
+
+    // Bob unsubscribes from alice's video: it is removed from his connection.
+    b.emit(
+        "subscribe",
+        serde_json::json!({"trackIds": ["alice-video"], "subscribe": false}),
+    );
+    let dropped = eventually(MEDIA_WAIT, || {
+        let t = b.tracks_from("alice");
+        t.len() == 1 && t[0].track_id == "alice-audio"
+    })
+    .await;
+    assert!(
+        dropped,
+        "{} / from alice: {:?}",
+        b.summary(),
+        b.tracks_from("alice")
+    );
+    // And back.
+    b.emit(
+        "subscribe",
+        serde_json::json!({"trackIds": ["alice-video"], "subscribe": true}),
+    );
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
+        "{}",
+        b.summary()
+    );
+
+    // Alice mutes her audio: bob stops receiving it, the room hears trackMuted.
+    let audio_packets = || {
+        b.tracks_from("alice")
+            .iter()
+            .find(|r| r.track_id == "alice-audio")
+            .map(|r| r.packets)
+            .unwrap_or(0)
+    };
+    a.emit(
+        "mute",
+        serde_json::json!({"trackId": "alice-audio", "muted": true}),
+    );
+    assert!(eventually(MEDIA_WAIT, || !b.envelopes_of("trackMuted").is_empty()).await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let frozen = audio_packets();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(audio_packets(), frozen, "no audio while muted");
+    assert_eq!(b.envelopes_of("trackMuted")[0]["data"]["muted"], true);
+    a.emit(
+        "mute",
+        serde_json::json!({"trackId": "alice-audio", "muted": false}),
+    );
+    assert!(
+        eventually(MEDIA_WAIT, || audio_packets() > frozen + 5).await,
+        "audio resumes after unmute"
+    );
+
+    // Bob cannot mute alice's track.
+    b.emit(
+        "mute",
+        serde_json::json!({"trackId": "alice-video", "muted": true}),
+    );
+    assert!(
+        eventually(MEDIA_WAIT, || b
+            .envelopes_of("error")
+            .iter()
+            .any(|e| e["status"] == 403))
+        .await
+    );
+    a.close().await;
+    b.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribers_keyframe_request_reaches_the_publisher() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
+        "{}",
+        b.summary()
+    );
+    // Wait out the throttle window of any keyframe requests the server made by itself.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = a
+        .observed
+        .plis_at_publisher
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(b.send_pli_for("alice").await);
+    let relayed = eventually(MEDIA_WAIT, || {
+        a.observed
+            .plis_at_publisher
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > before
+    })
+    .await;
+    assert!(relayed, "the PLI reached alice's publisher connection");
+    a.close().await;
+    b.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_joining_together_cost_each_subscriber_one_offer() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let watcher = TestPeer::join(addr, "watcher", "R", 9, false).await;
+    // Let the watcher's session settle (it has nothing to receive yet: no offer).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Three publishers connect; their media starts together, as when members join at once.
+    let go = Arc::new(tokio::sync::Notify::new());
+    let held = || Options {
+        publish: true,
+        chat: false,
+        hold_media: Some(go.clone()),
+    };
+    let (x, y, z) = tokio::join!(
+        TestPeer::join_with(addr, "x", "R", 1, held()),
+        TestPeer::join_with(addr, "y", "R", 2, held()),
+        TestPeer::join_with(addr, "z", "R", 3, held()),
+    );
+    // Let their connections come up, then release the media of all three.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    go.notify_waiters();
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(
+            &watcher,
+            &[("x", 1), ("y", 2), ("z", 3)]
+        ))
+        .await,
+        "{}",
+        watcher.summary()
+    );
+    let offers = watcher
+        .observed
+        .subscriber_offers
+        .load(std::sync::atomic::Ordering::SeqCst);
+    println!("subscriber offers to the watcher: {offers}");
+    assert_eq!(offers, 1, "one re-offer for three joins");
+    for p in [x, y, z, watcher] {
+        p.close().await;
+    }
+    server.shutdown().await;
+}
+
+/// The server process's open file descriptors, resident memory (kB) and live tokio tasks.
+async fn server_resources(node: &Process) -> (usize, u64, u64) {
+    let pid = node.child.id();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let health: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("http://{}/healthz", node.addr)).await).unwrap();
+    (fds, rss, health["tasks"].as_u64().unwrap())
+}
+
+async fn media_sessions(node: &Process) -> u64 {
+    let health: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("http://{}/healthz", node.addr)).await).unwrap();
+    health["mediaSessions"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_join_leave_cycles_leave_nothing_behind() {
+    // The server in its own process, so that only its own resources are counted.
+    let log = std::env::var("SERVER_LOG").unwrap_or_else(|_| "warn".into());
+    let node = Process::spawn(&[], &[("RUST_LOG", log.as_str())]);
+    let addr = node.addr;
+    let watcher = TestPeer::join(addr, "watcher", "R", 9, false).await;
+    let cycle = |i: usize| {
+        let (watcher, node) = (&watcher, &node);
+        async move {
+            let p = TestPeer::join(addr, &format!("p{i}"), "R", 1, true).await;
+            // Published and forwarded to the watcher, then gone.
+            let user = format!("p{i}");
+            assert!(
+                eventually(MEDIA_WAIT, || watcher.tracks_from(&user).len() == 2).await,
+                "cycle {i}: {}",
+                watcher.summary()
+            );
+            p.close().await;
+            let deadline = tokio::time::Instant::now() + MEDIA_WAIT;
+            while media_sessions(node).await != 1 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "cycle {i}: session not ended"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for i in 0..5 {
+        cycle(i).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (fds0, rss0, tasks0) = server_resources(&node).await;
+    let cycles: usize = std::env::var("LEAK_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    for i in 5..5 + cycles {
+        cycle(i).await;
+    }
+    // Closed connections wind down within their own timeouts.
+    let mut after = server_resources(&node).await;
+    for _ in 0..50 {
+        if after.0 <= fds0 && after.2 <= tasks0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = server_resources(&node).await;
+    }
+    let (fds1, rss1, tasks1) = after;
+    if std::env::var("SERVER_LOG").is_ok() {
+        eprintln!("{}", node.log());
+    }
+    println!(
+        "server after 100 cycles: fds {fds0} -> {fds1}, tasks {tasks0} -> {tasks1}, rss {rss0} -> {rss1} kB"
+    );
+    assert!(fds1 <= fds0, "file descriptors {fds0} -> {fds1}");
+    assert!(tasks1 <= tasks0, "tasks {tasks0} -> {tasks1}");
+    assert!(
+        rss1 < rss0 + 16 * 1024,
+        "memory grew from {rss0} to {rss1} kB"
+    );
+    watcher.close().await;
 }

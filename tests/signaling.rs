@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{QUIET, WAIT, join, query, start};
+use common::{QUIET, WAIT, http_get, join, query, start};
 use serde_json::{Value, json};
 use switchboard::client::{Client, ClientError, Packet};
 
@@ -465,22 +465,4 @@ async fn thousands_of_rapid_connects_and_disconnects_leave_nothing_behind() {
         .expect("churned sessions are gone");
     assert_eq!(v["status"], "ok");
     server.shutdown().await;
-}
-
-/// A tiny HTTP/1.1 GET over loopback, to avoid an HTTP client dependency in tests.
-async fn http_get(url: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').unwrap();
-    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
-    s.write_all(
-        format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
 }

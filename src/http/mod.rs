@@ -21,5 +21,7 @@ async fn healthz(State(signal): State<Arc<Signal>>) -> Json<Value> {
         "status": "ok",
         "node": signal.node_id,
         "connections": signal.outbox.rooms.local_count(),
+        "mediaSessions": signal.sfu.member_count(),
+        "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
     }))
 }

@@ -71,6 +71,9 @@ pub struct Sfu {
     events: mpsc::UnboundedSender<SfuEvent>,
     state: Mutex<State>,
     next_id: AtomicU64,
+    /// Makes "find or create the member" atomic: a candidate and an offer arriving together
+    /// (socket.io runs handlers concurrently) must not create two sessions.
+    joins: tokio::sync::Mutex<()>,
 }
 
 fn random_ssrc() -> u32 {
@@ -92,6 +95,7 @@ impl Sfu {
             events,
             state: Mutex::new(State::default()),
             next_id: AtomicU64::new(1),
+            joins: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -129,6 +133,10 @@ impl Sfu {
         room_id: &str,
         session: &str,
     ) -> Result<Arc<Member>, SfuError> {
+        if let Some(m) = self.member(user_id, session) {
+            return Ok(m);
+        }
+        let _one_join_at_a_time = self.joins.lock().await;
         if let Some(m) = self.member(user_id, session) {
             return Ok(m);
         }
@@ -202,6 +210,10 @@ impl Sfu {
         let mut publisher = member.publisher.lock().await;
         if let Some(leg) = &*publisher {
             return Ok(leg.clone());
+        }
+        if member.closed.load(Ordering::SeqCst) {
+            // The session ended while this request waited: create nothing it would leak.
+            return Err(SfuError::NoConnection(PcKind::Publisher));
         }
         let (pc, peer_events) = self
             .factory
@@ -318,6 +330,7 @@ impl Sfu {
             .member(user_id, session)
             .ok_or(SfuError::NoConnection(PcKind::Subscriber))?;
         for id in track_ids {
+            debug!(user = %user_id, track = %id, on, "subscribe");
             let t = self
                 .find_track(&member.room_id, id)
                 .ok_or_else(|| SfuError::UnknownTrack(id.clone()))?;
@@ -470,7 +483,12 @@ impl Sfu {
         kind: PcKind,
         mut events: mpsc::UnboundedReceiver<PeerEvent>,
     ) {
-        while let Some(event) = events.recv().await {
+        loop {
+            let event = tokio::select! {
+                _ = member.ended.cancelled() => return,
+                event = events.recv() => event,
+            };
+            let Some(event) = event else { return };
             match event {
                 PeerEvent::Candidate(c) => member.local_candidate(&leg, kind, Some(c)),
                 PeerEvent::GatheringComplete => member.local_candidate(&leg, kind, None),
@@ -566,7 +584,8 @@ impl Sfu {
 
     /// Adds a published track to a member's subscriber connection and asks for renegotiation.
     async fn add_down(&self, member: &Arc<Member>, t: &Arc<Published>) {
-        let ops = member.sub_ops.lock().await;
+        debug!(user = %member.user_id, track = %t.track_id, "adding a down-track");
+        let ops = member.track_ops.lock().await;
         if member.closed.load(Ordering::SeqCst) || member.has_down(&t.owner, &t.track_id) {
             return;
         }
@@ -603,6 +622,7 @@ impl Sfu {
             }
         };
         let down_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        debug!(user = %member.user_id, owner = %t.owner, track = %t.track_id, down_id, "down-track added");
         let quality = member
             .quality
             .lock()
@@ -621,11 +641,12 @@ impl Sfu {
             config: config.clone(),
             sink: local.clone(),
         });
-        tokio::spawn(relay_keyframe_requests(
+        let keyframe_relay = tokio::spawn(relay_keyframe_requests(
             local.clone(),
             t.commands.clone(),
             down_id,
-        ));
+        ))
+        .abort_handle();
         member.downs.lock().unwrap().push(DownEntry {
             owner: t.owner.clone(),
             track_id: t.track_id.clone(),
@@ -636,13 +657,14 @@ impl Sfu {
             commands: t.commands.clone(),
             mime: t.codec.mime_type.clone(),
             publisher_ext_ids: t.ext_ids.clone(),
+            keyframe_relay,
         });
         drop(ops);
         member.renegotiate();
     }
 
     async fn remove_down(member: &Arc<Member>, owner: &str, track_id: &str) {
-        let ops = member.sub_ops.lock().await;
+        let ops = member.track_ops.lock().await;
         let entry = {
             let mut downs = member.downs.lock().unwrap();
             downs
@@ -652,6 +674,9 @@ impl Sfu {
         };
         let Some(entry) = entry else { return };
         let _ = entry.commands.send(TrackCommand::RemoveDown(entry.down_id));
+        // Its poll holds the track's event lock, which remove_track needs to unbind the track.
+        entry.keyframe_relay.abort();
+        debug!(user = %member.user_id, track = %track_id, "removing a down-track");
         if !member.closed.load(Ordering::SeqCst) {
             if let Err(e) = member.subscriber.pc.remove_track(&entry.sender).await {
                 debug!(user = %member.user_id, "remove_track: {e}");
@@ -679,7 +704,7 @@ impl Sfu {
     }
 
     async fn add_channel_copy(&self, member: &Arc<Member>, source: &Arc<ChannelSource>) {
-        let ops = member.sub_ops.lock().await;
+        let ops = member.track_ops.lock().await;
         if member.closed.load(Ordering::SeqCst) || source.has_copy_for(&member.user_id) {
             return;
         }

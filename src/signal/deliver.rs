@@ -56,12 +56,9 @@ impl Outbox {
 
     /// Emits `msg` to the members of the room connected to this node.
     pub async fn to_local_room<T: Serialize + ?Sized>(&self, room_id: &str, payload: &T) {
-        if let Err(e) = self
-            .io()
-            .to(room_channel(room_id))
-            .emit("msg", payload)
-            .await
-        {
+        // `of` rather than `to`: after shutdown closed the namespace, `to` would panic.
+        let Some(ns) = self.io().of("/") else { return };
+        if let Err(e) = ns.to(room_channel(room_id)).emit("msg", payload).await {
             debug!(room = %room_id, "room delivery incomplete: {e}");
         }
     }
@@ -90,7 +87,7 @@ impl Outbox {
         let Some(socket) = self
             .rooms
             .local(user_id)
-            .and_then(|s| self.io().get_socket(s.handle))
+            .and_then(|s| self.io().of("/")?.get_socket(s.handle))
         else {
             return false;
         };

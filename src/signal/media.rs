@@ -95,7 +95,10 @@ pub async fn to_sfu(
 ) -> Result<(), Refusal> {
     let room = room_of(conn)?;
     let (sfu, user, session) = (&app.sfu, conn.user_id.as_str(), conn.token.as_str());
-    match kind {
+    if !is_current(app, conn) {
+        return Ok(()); // the connection is closing: start nothing
+    }
+    let result = match kind {
         Directed::Call => sfu.join(user, room, session).await.map(drop),
         Directed::Offer => {
             let p: SdpPayload = parse(payload)?;
@@ -120,8 +123,20 @@ pub async fn to_sfu(
             let pc = pc_kind(p.pc.as_deref())?;
             sfu.candidate(user, room, session, pc, p.candidate).await
         }
+    };
+    // Handlers run concurrently: if the connection closed meanwhile, undo what this started.
+    if !is_current(app, conn) {
+        sfu.leave(user, session).await;
     }
-    .map_err(refusal)
+    result.map_err(refusal)
+}
+
+/// Whether this connection is still the user's current one on this node.
+fn is_current(app: &super::Signal, conn: &Conn) -> bool {
+    app.outbox
+        .rooms
+        .local(&conn.user_id)
+        .is_some_and(|s| s.token == conn.token)
 }
 
 /// `tracks`, `subscribe`, `setQuality`, `mute` and `leave`.

@@ -119,7 +119,7 @@ async fn on_connect(s: SocketRef, State(app): State<App>) {
 
 /// Tells a replaced connection why and closes it. Its disconnect then spares the newer one.
 fn close_replaced(io: &SocketIo, sid: Sid, new_room: Option<String>) {
-    let Some(old) = io.get_socket(sid) else {
+    let Some(old) = io.of("/").and_then(|ns| ns.get_socket(sid)) else {
         return;
     };
     if let Some(conn) = old.extensions.get::<Arc<Conn>>() {
@@ -139,10 +139,13 @@ async fn on_disconnect(
 ) {
     s.leave_all();
     let room = conn.room_id.as_deref();
+    // Rooms first: a media request racing this disconnect then sees the session gone and
+    // undoes what it started (see media::to_sfu).
     app.outbox
         .rooms
         .leave(&conn.user_id, room, &conn.token)
         .await;
+    app.sfu.leave(&conn.user_id, &conn.token).await;
     let replaced_by = conn.replaced_by.lock().unwrap().clone();
     info!(user = %conn.user_id, room = ?room, sid = %s.id, ?reason, replaced = replaced_by.is_some(), "leave");
     let Some(room) = room else { return };

@@ -20,6 +20,7 @@ use switchboard::client::{Client, Packet};
 use switchboard::config::Config;
 use switchboard::sfu::api::IceCandidate;
 use switchboard::sfu::session::peer::{PeerEvent, PeerFactory};
+use switchboard::sfu::session::sdp::sending_track_ids;
 use tokio::sync::mpsc;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
@@ -63,6 +64,22 @@ pub struct Observed {
     pub subscriber_offers: AtomicU64,
     pub plis_at_publisher: AtomicU64,
     pub remote_tracks: Mutex<Vec<Arc<dyn TrackRemote>>>,
+    /// Track ids the latest subscriber offer still sends (webrtc-rs never ends a remote track
+    /// that renegotiation removed, so this is how a client sees a track go).
+    pub offered: Mutex<Vec<String>>,
+}
+
+impl Observed {
+    fn is_live(&self, r: &Received) -> bool {
+        !r.ended && self.offered.lock().unwrap().contains(&r.track_id)
+    }
+}
+
+pub struct Options {
+    pub publish: bool,
+    pub chat: bool,
+    /// Media starts only when this is notified (several publishers can then start together).
+    pub hold_media: Option<Arc<tokio::sync::Notify>>,
 }
 
 pub struct TestPeer {
@@ -150,6 +167,26 @@ impl TestPeer {
         user_index: u8,
         publish: bool,
     ) -> TestPeer {
+        let options = Options {
+            publish,
+            chat: publish,
+            hold_media: None,
+        };
+        Self::join_with(addr, user, room, user_index, options).await
+    }
+
+    pub async fn join_with(
+        addr: SocketAddr,
+        user: &str,
+        room: &str,
+        user_index: u8,
+        options: Options,
+    ) -> TestPeer {
+        let Options {
+            publish,
+            chat: with_chat,
+            hold_media,
+        } = options;
         let client = Client::connect(addr, &query(user, Some(room)))
             .await
             .expect("signaling connects");
@@ -205,24 +242,25 @@ impl TestPeer {
             pc.add_track(video.clone() as Arc<dyn TrackLocal>)
                 .await
                 .unwrap();
-            let dc = pc.create_data_channel("chat", None).await.unwrap();
-            {
-                let (dc, open) = (dc.clone(), chat_open.clone());
+            if with_chat {
+                let dc = pc.create_data_channel("chat", None).await.unwrap();
+                let (poll_dc, open) = (dc.clone(), chat_open.clone());
                 tokio::spawn(async move {
-                    while let Some(e) = dc.poll().await {
+                    while let Some(e) = poll_dc.poll().await {
                         if matches!(e, DataChannelEvent::OnOpen) {
                             open.store(true, Ordering::SeqCst);
                         }
                     }
                 });
+                chat = Some(dc);
             }
-            chat = Some(dc);
-            tokio::spawn(send_media(
-                audio,
-                video.clone(),
-                user_index,
-                running.clone(),
-            ));
+            let (a, v, r) = (audio, video.clone(), running.clone());
+            tokio::spawn(async move {
+                if let Some(release) = hold_media {
+                    release.notified().await;
+                }
+                send_media(a, v, user_index, r).await
+            });
             // PLIs that reach this publisher.
             let obs = observed.clone();
             tokio::spawn(async move {
@@ -269,7 +307,7 @@ impl TestPeer {
             .lock()
             .unwrap()
             .values()
-            .filter(|r| r.stream_id == publisher && r.packets > 0 && !r.ended)
+            .filter(|r| r.stream_id == publisher && r.packets > 0 && self.observed.is_live(r))
             .cloned()
             .collect()
     }
@@ -280,7 +318,7 @@ impl TestPeer {
             .lock()
             .unwrap()
             .values()
-            .filter(|r| !r.ended)
+            .filter(|r| self.observed.is_live(r))
             .cloned()
             .collect()
     }
@@ -298,7 +336,12 @@ impl TestPeer {
             })
             .collect();
         lines.sort();
-        lines.join("; ")
+        format!(
+            "{} | offers={} offered={:?}",
+            lines.join("; "),
+            self.observed.subscriber_offers.load(Ordering::SeqCst),
+            self.observed.offered.lock().unwrap()
+        )
     }
 
     pub fn envelopes_of(&self, kind: &str) -> Vec<Value> {
@@ -422,9 +465,17 @@ async fn dispatch(
                         observed.subscriber_offers.fetch_add(1, Ordering::SeqCst);
                         let pc = ensure_subscriber(&subscriber, &observed, &out_tx).await;
                         let sdp = data["sdp"]["sdp"].as_str().unwrap_or("").to_owned();
+                        *observed.offered.lock().unwrap() = sending_track_ids(&sdp);
+                        if std::env::var("DUMP_SDP").is_ok() {
+                            eprintln!("=== offer\n{sdp}");
+                        }
+                        let trace = std::env::var("DUMP_SDP").is_ok();
                         pc.set_remote_description(RTCSessionDescription::offer(sdp).unwrap()).await.unwrap();
+                        if trace { eprintln!("client: remote offer applied"); }
                         let answer = pc.create_answer(None).await.unwrap();
+                        if trace { eprintln!("client: answer created"); }
                         pc.set_local_description(answer.clone()).await.unwrap();
+                        if trace { eprintln!("client: answer applied"); }
                         let _ = client.emit("answer", &json!({"targetUid": "sfu", "pc": "subscriber", "sdp": {"type": "answer", "sdp": answer.sdp}}));
                     }
                     ("candidate", kind) => {

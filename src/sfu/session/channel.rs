@@ -15,6 +15,8 @@ pub struct ChannelSource {
     /// The settings the copies are created with (`protocol` = the owner's userId).
     pub init: RTCDataChannelInit,
     copies: Mutex<Vec<Copy>>,
+    /// Ends the copies' drain tasks when the source goes.
+    ended: tokio_util::sync::CancellationToken,
 }
 
 struct Copy {
@@ -38,12 +40,13 @@ impl ChannelSource {
             label,
             init,
             copies: Mutex::new(Vec::new()),
+            ended: tokio_util::sync::CancellationToken::new(),
         }
     }
 
     /// Registers a copy made on `member`'s subscriber connection and keeps it polled.
     pub fn add_copy(&self, member: &str, channel: Arc<dyn DataChannel>) {
-        tokio::spawn(drain(channel.clone()));
+        tokio::spawn(drain(channel.clone(), self.ended.clone()));
         self.copies.lock().unwrap().push(Copy {
             member: member.to_owned(),
             channel,
@@ -112,14 +115,19 @@ impl ChannelSource {
         for copy in copies {
             let _ = copy.close().await;
         }
+        self.ended.cancel();
     }
 }
 
 /// Every channel must be polled, or webrtc stops reading its association.
-async fn drain(channel: Arc<dyn DataChannel>) {
-    while let Some(event) = channel.poll().await {
-        if matches!(event, DataChannelEvent::OnClose) {
-            break;
+async fn drain(channel: Arc<dyn DataChannel>, ended: tokio_util::sync::CancellationToken) {
+    loop {
+        let event = tokio::select! {
+            _ = ended.cancelled() => return,
+            event = channel.poll() => event,
+        };
+        if matches!(event, None | Some(DataChannelEvent::OnClose)) {
+            return;
         }
     }
 }

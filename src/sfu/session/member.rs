@@ -18,8 +18,10 @@ use super::track::TrackCommand;
 use crate::sfu::api::{IceCandidate, PcKind, SfuError, SfuEvent};
 use crate::sfu::forward::{DownTrackConfig, DownTrackId, Quality};
 
-/// Changes arriving within this window are negotiated in one offer.
-pub const COALESCE: Duration = Duration::from_millis(30);
+/// An offer waits until no change came for this long (changes close together make one offer)...
+pub const COALESCE: Duration = Duration::from_millis(50);
+/// ...but never longer than this after the first change.
+pub const COALESCE_MAX: Duration = Duration::from_millis(300);
 /// An offer without an answer for this long is given up (the next change offers again).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -36,6 +38,8 @@ pub struct DownEntry {
     pub mime: String,
     /// The publisher's header-extension ids by URI, for the forwarded extensions.
     pub publisher_ext_ids: Vec<(String, u8)>,
+    /// The task relaying this subscriber's keyframe requests.
+    pub keyframe_relay: tokio::task::AbortHandle,
 }
 
 /// Candidates wait here until the description they belong to has been sent.
@@ -80,8 +84,11 @@ pub struct Member {
     pub subscriber: Arc<Leg>,
     events: mpsc::UnboundedSender<SfuEvent>,
     public_ip: Option<String>,
-    /// Serializes everything that changes the subscriber connection.
+    /// Serializes the subscriber's offers with the answers applied to them.
     pub sub_ops: tokio::sync::Mutex<()>,
+    /// Serializes adding and removing tracks and channels on the subscriber connection. Not
+    /// `sub_ops`: creating a channel can wait on the connection, which needs the answer applied.
+    pub track_ops: tokio::sync::Mutex<()>,
     pub downs: Mutex<Vec<DownEntry>>,
     /// Tracks (owner, track id) this member said it does not want.
     pub unsubscribed: Mutex<HashSet<(String, String)>>,
@@ -90,6 +97,9 @@ pub struct Member {
     negotiate: Notify,
     answered: Notify,
     pub closed: AtomicBool,
+    /// Ends the tasks that watch this member's connections (they hold the member, and the
+    /// connections hold their event channels: without it they would keep each other alive).
+    pub ended: tokio_util::sync::CancellationToken,
 }
 
 impl Member {
@@ -110,6 +120,7 @@ impl Member {
             events,
             public_ip,
             sub_ops: tokio::sync::Mutex::new(()),
+            track_ops: tokio::sync::Mutex::new(()),
             downs: Mutex::new(Vec::new()),
             unsubscribed: Mutex::new(HashSet::new()),
             quality: Mutex::new(HashMap::new()),
@@ -117,6 +128,7 @@ impl Member {
             negotiate: Notify::new(),
             answered: Notify::new(),
             closed: AtomicBool::new(false),
+            ended: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -261,15 +273,20 @@ impl Member {
         let answer =
             RTCSessionDescription::answer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         {
+            debug!(user = %self.user_id, "answer: waiting for sub_ops");
             let _ops = self.sub_ops.lock().await;
+            debug!(user = %self.user_id, "answer: applying");
             self.subscriber
                 .pc
                 .set_remote_description(answer)
                 .await
                 .map_err(|e| SfuError::BadSdp(e.to_string()))?;
         }
+        debug!(user = %self.user_id, "answer: applied; candidates");
         Self::remote_description_set(&self.subscriber).await;
+        debug!(user = %self.user_id, "subscriber answer applied");
         self.configure_downs().await;
+        debug!(user = %self.user_id, "down-tracks configured");
         self.answered.notify_one();
         Ok(())
     }
@@ -324,7 +341,17 @@ impl Member {
     pub async fn negotiate_loop(self: Arc<Self>) {
         loop {
             self.negotiate.notified().await;
-            tokio::time::sleep(COALESCE).await;
+            let deadline = tokio::time::Instant::now() + COALESCE_MAX;
+            loop {
+                let quiet = tokio::time::sleep(COALESCE);
+                tokio::select! {
+                    _ = quiet => break,
+                    _ = self.negotiate.notified() => {}
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
             if self.closed.load(Ordering::SeqCst) {
                 return;
             }
@@ -358,6 +385,7 @@ impl Member {
             .local_description()
             .await
             .ok_or_else(|| SfuError::Internal("no local description".into()))?;
+        debug!(user = %self.user_id, "subscriber offer");
         self.emit_sdp(PcKind::Subscriber, "offer", local.sdp);
         self.open_gate(&self.subscriber, PcKind::Subscriber);
         Ok(())
@@ -366,11 +394,14 @@ impl Member {
     /// Closes both connections; every poll loop on them then ends.
     pub async fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        self.ended.cancel();
         self.negotiate.notify_one();
         self.answered.notify_one();
         if let Some(leg) = self.publisher.lock().await.take() {
             let _ = leg.pc.close().await;
+            debug!(user = %self.user_id, "peer connection closed");
         }
         let _ = self.subscriber.pc.close().await;
+        debug!(user = %self.user_id, "peer connection closed");
     }
 }

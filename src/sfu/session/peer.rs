@@ -193,6 +193,7 @@ impl PeerFactory {
         let mut last_error = None;
         for _ in 0..attempts {
             let addr = self.next_addr();
+            let addr_used = addr.clone();
             let mut me = media_engine()?;
             let registry = register_default_interceptors(Registry::new(), &mut me)?
                 .with(Slot::from(SLOT as usize), KeyframeRequestsToApp::default());
@@ -211,7 +212,10 @@ impl PeerFactory {
                 .build()
                 .await;
             match built {
-                Ok(pc) => return Ok((Arc::new(pc), rx)),
+                Ok(pc) => {
+                    tracing::debug!(%addr_used, "peer connection created");
+                    return Ok((Arc::new(pc), rx));
+                }
                 Err(e) => last_error = Some(e),
             }
         }
