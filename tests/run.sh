@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite, installing what it needs first: redis-server (Debian package) and
-# the Node packages of tests/interop (npm ci). Tests start their own redis-server on free
+# Runs the whole test suite, installing what it needs first: Debian's redis-server, chromium
+# and iproute2 (the browser test runs in a network namespace with only loopback), and the Node
+# packages of tests/interop (npm ci: socket.io-client, playwright-core; never a downloaded browser). Tests start their own redis-server on free
 # loopback ports; nothing here needs a running service.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,9 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v unshare >/dev/null || missing+=(util-linux)
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"

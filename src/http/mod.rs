@@ -1,22 +1,53 @@
-//! HTTP routes beside socket.io: health now; the REST API, metrics and the demo page later.
+//! HTTP routes beside socket.io: the demo page, the ICE servers for clients, and health.
 
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::response::Html;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use crate::config::IceServer;
 use crate::signal::Signal;
 
-pub fn router(signal: Arc<Signal>) -> Router {
+/// The demo page: a plain-JS socket.io client that publishes camera and microphone, shows every
+/// other member, and chats over a data channel.
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+#[derive(Clone)]
+struct Http {
+    signal: Arc<Signal>,
+    ice_servers: Arc<Vec<IceServer>>,
+}
+
+pub fn router(signal: Arc<Signal>, ice_servers: Vec<IceServer>) -> Router {
     Router::new()
+        .route("/", get(demo))
         .route("/healthz", get(healthz))
-        .with_state(signal)
+        .route(
+            "/favicon.ico",
+            get(|| async { axum::http::StatusCode::NO_CONTENT }),
+        )
+        .route("/api/ice-servers", get(ice))
+        .with_state(Http {
+            signal,
+            ice_servers: Arc::new(ice_servers),
+        })
+}
+
+async fn demo() -> Html<&'static str> {
+    Html(DEMO_PAGE)
+}
+
+/// The STUN/TURN servers clients should use (`media.ice_servers`), in `RTCConfiguration` form.
+async fn ice(State(http): State<Http>) -> Json<Value> {
+    Json(json!({ "iceServers": *http.ice_servers }))
 }
 
 /// Liveness: the process serves HTTP. Also names the node and counts its connections.
-async fn healthz(State(signal): State<Arc<Signal>>) -> Json<Value> {
+async fn healthz(State(http): State<Http>) -> Json<Value> {
+    let signal = &http.signal;
     Json(json!({
         "status": "ok",
         "node": signal.node_id,

@@ -211,6 +211,7 @@ impl Member {
         candidate: Option<IceCandidate>,
     ) -> Result<(), SfuError> {
         let Some(c) = candidate else { return Ok(()) }; // end of candidates: nothing to do
+        debug!(candidate = %c.candidate, mid = ?c.sdp_mid, index = ?c.sdp_mline_index, "remote candidate");
         let init = RTCIceCandidateInit {
             candidate: c.candidate,
             sdp_mid: c.sdp_mid,

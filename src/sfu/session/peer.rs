@@ -33,6 +33,8 @@ pub const FORWARDED_EXTENSIONS: [&str; 2] = [
     "urn:3gpp:video-orientation",
 ];
 
+const ICE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// What a peer connection reports.
 pub enum PeerEvent {
     Candidate(IceCandidate),
@@ -200,6 +202,10 @@ impl PeerFactory {
             // No mDNS: its default opens a multicast socket on :5353 per connection.
             let settings = SettingEngineBuilder::new()
                 .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+                // Checks every 50 ms (default 200): a browser's first checks can arrive before
+                // its answer does and are dropped; the server's own checks then connect sooner.
+                .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), Some(28))
+                .with_host_acceptance_min_wait(Some(std::time::Duration::ZERO))
                 .build();
             let built = PeerConnectionBuilder::new()
                 // The server needs no STUN/TURN: it is the reachable side.
