@@ -314,6 +314,7 @@ async fn members_joining_together_cost_each_subscriber_one_offer() {
         publish: true,
         chat: false,
         hold_media: Some(go.clone()),
+        shape: Default::default(),
     };
     let (x, y, z) = tokio::join!(
         TestPeer::join_with(addr, "x", "R", 1, held()),

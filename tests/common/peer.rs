@@ -80,6 +80,24 @@ pub struct Options {
     pub chat: bool,
     /// Media starts only when this is notified (several publishers can then start together).
     pub hold_media: Option<Arc<tokio::sync::Notify>>,
+    pub shape: MediaShape,
+}
+
+/// How much video a publisher sends: `video_burst` packets per frame at 30 frames/s, each with
+/// `pad` filler bytes. Audio is always 50 small packets/s.
+#[derive(Clone, Copy, Debug)]
+pub struct MediaShape {
+    pub video_burst: u32,
+    pub pad: usize,
+}
+
+impl Default for MediaShape {
+    fn default() -> Self {
+        MediaShape {
+            video_burst: 1,
+            pad: 24,
+        }
+    }
 }
 
 pub struct TestPeer {
@@ -134,7 +152,12 @@ fn local_track(user: &str, id: &str, kind: RtpCodecKind, ssrc: u32) -> Arc<Track
 
 /// The payload a publisher sends: who, which kind, which packet (VP8 with a descriptor).
 pub fn payload(user_index: u8, video: bool, n: u32, keyframe: bool) -> Bytes {
-    let mut p = Vec::with_capacity(40);
+    payload_padded(user_index, video, n, keyframe, 24)
+}
+
+/// [`payload`] with `pad` filler bytes (1000-byte packets for load runs).
+pub fn payload_padded(user_index: u8, video: bool, n: u32, keyframe: bool, pad: usize) -> Bytes {
+    let mut p = Vec::with_capacity(8 + pad);
     if video {
         p.push(0x10); // VP8: start of partition 0
         p.push(if keyframe { 0x00 } else { 0x01 });
@@ -143,7 +166,7 @@ pub fn payload(user_index: u8, video: bool, n: u32, keyframe: bool) -> Bytes {
     }
     p.push(user_index);
     p.extend_from_slice(&n.to_be_bytes());
-    p.extend_from_slice(&[0xAB; 24]);
+    p.resize(p.len() + pad, 0xAB);
     Bytes::from(p)
 }
 
@@ -171,6 +194,7 @@ impl TestPeer {
             publish,
             chat: publish,
             hold_media: None,
+            shape: MediaShape::default(),
         };
         Self::join_with(addr, user, room, user_index, options).await
     }
@@ -186,6 +210,7 @@ impl TestPeer {
             publish,
             chat: with_chat,
             hold_media,
+            shape,
         } = options;
         let client = Client::connect(addr, &query(user, Some(room)))
             .await
@@ -259,7 +284,7 @@ impl TestPeer {
                 if let Some(release) = hold_media {
                     release.notified().await;
                 }
-                send_media(a, v, user_index, r).await
+                send_media(a, v, user_index, r, shape).await
             });
             // PLIs that reach this publisher.
             let obs = observed.clone();
@@ -388,8 +413,10 @@ async fn send_media(
     video: Arc<TrackLocalStaticRTP>,
     user_index: u8,
     running: Arc<AtomicBool>,
+    shape: MediaShape,
 ) {
     let mut n: u32 = 0;
+    let mut video_seq: u32 = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     while running.load(Ordering::SeqCst) {
         tick.tick().await;
@@ -410,20 +437,30 @@ async fn send_media(
             let _ = audio.write_rtp(p).await;
         }
         if n.is_multiple_of(3) {
+            // One frame: `burst` packets, the marker on the last, a keyframe every 30 frames.
             let frame = n / 3;
-            let p = rtp::Packet {
-                header: rtp::header::Header {
-                    version: 2,
-                    marker: true,
-                    payload_type: 96,
-                    sequence_number: frame as u16,
-                    timestamp: frame * 3000,
-                    ssrc: VIDEO_SSRC + user_index as u32,
-                    ..Default::default()
-                },
-                payload: payload(user_index, true, frame, frame % 30 == 1),
-            };
-            let _ = video.write_rtp(p).await;
+            for k in 0..shape.video_burst {
+                video_seq = video_seq.wrapping_add(1);
+                let p = rtp::Packet {
+                    header: rtp::header::Header {
+                        version: 2,
+                        marker: k + 1 == shape.video_burst,
+                        payload_type: 96,
+                        sequence_number: video_seq as u16,
+                        timestamp: frame * 3000,
+                        ssrc: VIDEO_SSRC + user_index as u32,
+                        ..Default::default()
+                    },
+                    payload: payload_padded(
+                        user_index,
+                        true,
+                        video_seq,
+                        k == 0 && frame % 30 == 1,
+                        shape.pad,
+                    ),
+                };
+                let _ = video.write_rtp(p).await;
+            }
         }
     }
 }
