@@ -162,11 +162,16 @@ impl Member {
     }
 
     fn emit_sdp(&self, pc: PcKind, sdp_type: &'static str, sdp: String) {
+        // A subscriber offer carries no candidates: they are trickled after the answer.
+        let sdp = match pc {
+            PcKind::Subscriber => without_candidates(&sdp),
+            PcKind::Publisher => self.sdp_for_client(sdp),
+        };
         let _ = self.events.send(SfuEvent::Sdp {
             user_id: self.user_id.clone(),
             pc,
             sdp_type,
-            sdp: self.sdp_for_client(sdp),
+            sdp,
         });
     }
 
@@ -285,6 +290,11 @@ impl Member {
         }
         debug!(user = %self.user_id, "answer: applied; candidates");
         Self::remote_description_set(&self.subscriber).await;
+        // Now that the server knows the client's ICE credentials, let the client have the
+        // server's candidates. A browser checks as soon as it has a candidate, and webrtc's ICE
+        // agent drops checks that arrive before the answer; the browser then backs off for
+        // about 1.6 s. Holding the candidates until here avoids that race.
+        self.open_gate(&self.subscriber, PcKind::Subscriber);
         debug!(user = %self.user_id, "subscriber answer applied");
         self.configure_downs().await;
         debug!(user = %self.user_id, "down-tracks configured");
@@ -388,7 +398,7 @@ impl Member {
             .ok_or_else(|| SfuError::Internal("no local description".into()))?;
         debug!(user = %self.user_id, "subscriber offer");
         self.emit_sdp(PcKind::Subscriber, "offer", local.sdp);
-        self.open_gate(&self.subscriber, PcKind::Subscriber);
+        // The subscriber's candidates go out only once its answer is applied (see below).
         Ok(())
     }
 
@@ -404,5 +414,32 @@ impl Member {
         }
         let _ = self.subscriber.pc.close().await;
         debug!(user = %self.user_id, "peer connection closed");
+    }
+}
+
+/// The SDP without its `a=candidate` and `a=end-of-candidates` lines.
+fn without_candidates(sdp: &str) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.split_inclusive('\n') {
+        let attr = line.trim_end();
+        if attr.starts_with("a=candidate:") || attr == "a=end-of-candidates" {
+            continue;
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_candidates;
+
+    #[test]
+    fn candidates_are_removed_from_an_offer() {
+        let sdp = "v=0\r\nm=audio 9 UDP 111\r\na=mid:0\r\na=candidate:1 1 udp 1 127.0.0.1 5000 typ host\r\na=end-of-candidates\r\na=sendrecv\r\n";
+        assert_eq!(
+            without_candidates(sdp),
+            "v=0\r\nm=audio 9 UDP 111\r\na=mid:0\r\na=sendrecv\r\n"
+        );
     }
 }

@@ -205,7 +205,12 @@ impl PeerFactory {
                 // Checks every 50 ms (default 200): a browser's first checks can arrive before
                 // its answer does and are dropped; the server's own checks then connect sooner.
                 .with_ice_connection_attempts(Some(ICE_CHECK_INTERVAL), Some(28))
+                // Nominate at once. A browser's own candidates often arrive after its first
+                // checks, so the server knows it as peer-reflexive; webrtc's default then waits
+                // a second before nominating (the ~1.6 s late subscriber connection).
                 .with_host_acceptance_min_wait(Some(std::time::Duration::ZERO))
+                .with_prflx_acceptance_min_wait(Some(std::time::Duration::ZERO))
+                .with_srflx_acceptance_min_wait(Some(std::time::Duration::ZERO))
                 .build();
             let built = PeerConnectionBuilder::new()
                 // The server needs no STUN/TURN: it is the reachable side.
