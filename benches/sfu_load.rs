@@ -45,10 +45,11 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0 // USER_HZ
 }
 
-fn received(subs: &[TestPeer]) -> u64 {
+/// Packets each subscriber has received from the publisher so far.
+fn received(subs: &[TestPeer]) -> Vec<u64> {
     subs.iter()
         .map(|s| s.tracks_from("pub").iter().map(|r| r.packets).sum::<u64>())
-        .sum()
+        .collect()
 }
 
 #[tokio::main]
@@ -92,19 +93,23 @@ async fn main() {
         t0.elapsed().as_secs_f64(),
     );
 
-    let forwarded = (got1 - got0) as f64;
-    let sent_per_sec = 30.0 * args.burst as f64 + 50.0;
-    let expected = sent_per_sec * wall * args.subs as f64;
+    let per_sub: Vec<u64> = got1.iter().zip(&got0).map(|(a, b)| a - b).collect();
+    let forwarded = per_sub.iter().sum::<u64>() as f64;
+    let least = per_sub.iter().min().copied().unwrap_or(0) as f64;
+    let most = per_sub.iter().max().copied().unwrap_or(0) as f64;
     let cpu = cpu1 - cpu0;
     println!(
         "sfu_load subs={} video={}x{} B/frame at 30 fps + audio 50/s, {:.1} s",
         args.subs, args.burst, args.pad, wall
     );
+    // The sender's timer catches up after stalls, so per-subscriber rates are compared with
+    // each other (equal = nothing lost for anyone) rather than with the nominal rate.
     println!(
-        "  forwarded {:.0} packets/s to subscribers ({:.2}% of the {:.0}/s sent x subscribers)",
+        "  forwarded {:.0} packets/s in all; per subscriber {:.0} to {:.0}/s (nominal {:.0}/s)",
         forwarded / wall,
-        100.0 * forwarded / expected,
-        sent_per_sec * args.subs as f64
+        least / wall,
+        most / wall,
+        30.0 * args.burst as f64 + 50.0
     );
     println!(
         "  server CPU {:.2} cores, {:.1} us per forwarded packet",
