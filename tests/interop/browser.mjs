@@ -110,6 +110,49 @@ try {
     check(`${USERS[i]} gets the chat of ${others.join(' and ')}`, got, await pages[i].evaluate(() => window.sb.chatLog));
   }
 
+  // Simulcast: dee publishes q/h/f layers; ada switches dee's video between low and high.
+  const dee = await context.newPage();
+  await dee.goto(`${base}/?room=e2e&name=dee&simulcast=1`);
+  const ada = pages[0];
+  const deeVideo = () =>
+    ada.evaluate(async () => {
+      const t = window.sb.tiles.get('dee');
+      const track = t && t.stream.getVideoTracks()[0];
+      if (!track || !window.sb.sub) return null;
+      let width = 0;
+      let frames = 0;
+      (await window.sb.sub.getStats()).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.trackIdentifier === track.id) {
+          width = s.frameWidth || 0;
+          frames = s.framesDecoded || 0;
+        }
+      });
+      return { id: track.id, width, frames };
+    });
+  const waitVideo = async (ok) => {
+    const end = Date.now() + WAIT_MS;
+    let v = null;
+    while (Date.now() < end) {
+      v = await deeVideo();
+      if (v && ok(v)) return { ok: true, v };
+      await sleep(250);
+    }
+    return { ok: false, v };
+  };
+  const first = await waitVideo((v) => v.frames > 0 && v.width > 0);
+  check('ada decodes dee\'s simulcast video', first.ok, first.v);
+  if (first.ok) {
+    const setQuality = (quality) => ada.evaluate(([trackId, quality]) => window.sb.io.emit('setQuality', { trackId, quality }), [first.v.id, quality]);
+    await setQuality('low');
+    const low = await waitVideo((v) => v.width > 0 && v.width <= 160);
+    check('setQuality low switches dee to the low layer', low.ok, low.v);
+    await setQuality('high');
+    // High: the best layer dee is sending (under load Chrome may pause its full layer, then
+    // the server forwards the next one down).
+    const high = await waitVideo((v) => v.width > 160);
+    check('setQuality high switches dee back up', high.ok, high.v);
+  }
+
   // Connection set-up: each connection is up within 300 ms of the browser's offer or answer.
   for (let i = 0; i < pages.length; i++) {
     const t = await pages[i].evaluate(() => window.sb.timings);
