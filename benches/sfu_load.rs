@@ -67,6 +67,7 @@ async fn main() {
         shape: MediaShape {
             video_burst: args.burst,
             pad: args.pad,
+            skip_every: None,
         },
     };
     let publisher = TestPeer::join_with(addr, "pub", "load", 1, options).await;

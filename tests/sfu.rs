@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use std::sync::Arc;
 
-use common::peer::{Options, TestPeer, payload};
+use common::peer::{MediaShape, Options, TestPeer, payload};
 use common::{Process, eventually, http_get, start};
 
 const MEDIA_WAIT: Duration = Duration::from_secs(20);
@@ -432,4 +432,73 @@ async fn a_hundred_join_leave_cycles_leave_nothing_behind() {
         "memory grew from {rss0} to {rss1} kB"
     );
     watcher.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtcp_feedback_flows_through_webrtcs_interceptors() {
+    let server = start().await;
+    let addr = server.local_addr();
+    // The publisher leaves out every 20th video packet: the server must NACK it upstream.
+    let lossy = Options {
+        publish: true,
+        chat: false,
+        hold_media: None,
+        shape: MediaShape {
+            skip_every: Some(20),
+            ..Default::default()
+        },
+    };
+    let a = TestPeer::join_with(addr, "alice", "R", 1, lossy).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
+    assert!(
+        eventually(MEDIA_WAIT, || b.tracks_from("alice").len() == 2).await,
+        "{}",
+        b.summary()
+    );
+
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    let o = &a.observed;
+    // Upstream: NACKs for the missing packets, receiver reports, and TWCC feedback.
+    let upstream = eventually(MEDIA_WAIT, || {
+        count(&o.nacks_at_publisher) > 0
+            && count(&o.receiver_reports_at_publisher) > 0
+            && count(&o.twcc_at_publisher) > 0
+    })
+    .await;
+    assert!(
+        upstream,
+        "at alice: nacks {} receiver reports {} twcc {}",
+        count(&o.nacks_at_publisher),
+        count(&o.receiver_reports_at_publisher),
+        count(&o.twcc_at_publisher)
+    );
+    // Downstream: a sender report for each forwarded track.
+    let reports = eventually(MEDIA_WAIT, || {
+        b.tracks_from("alice").iter().all(|r| r.sender_reports > 0)
+    })
+    .await;
+    assert!(
+        reports,
+        "{:?}",
+        b.tracks_from("alice")
+            .iter()
+            .map(|r| r.sender_reports)
+            .collect::<Vec<_>>()
+    );
+    // A subscriber's NACK is answered from the server's retransmission buffer.
+    let repeated = || {
+        b.tracks_from("alice")
+            .iter()
+            .map(|r| r.repeated)
+            .sum::<u64>()
+    };
+    let before = repeated();
+    assert!(b.nack_last_video_of("alice").await.is_some());
+    assert!(
+        eventually(MEDIA_WAIT, || repeated() > before).await,
+        "no retransmission for the NACK"
+    );
+    a.close().await;
+    b.close().await;
+    server.shutdown().await;
 }

@@ -11,6 +11,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
@@ -36,6 +40,12 @@ pub const VIDEO_SSRC: u32 = 0xB000;
 /// What a subscriber saw of one forwarded track.
 #[derive(Debug, Clone, Default)]
 pub struct Received {
+    /// Sender reports received for this track.
+    pub sender_reports: u64,
+    /// Packets whose sequence number had been received before (retransmissions).
+    pub repeated: u64,
+    pub seen: std::collections::HashSet<u16>,
+    pub last_seq: u16,
     pub stream_id: String,
     pub track_id: String,
     pub kind: String,
@@ -63,6 +73,9 @@ pub struct Observed {
     pub envelopes: Mutex<Vec<Value>>,
     pub subscriber_offers: AtomicU64,
     pub plis_at_publisher: AtomicU64,
+    pub nacks_at_publisher: AtomicU64,
+    pub twcc_at_publisher: AtomicU64,
+    pub receiver_reports_at_publisher: AtomicU64,
     pub remote_tracks: Mutex<Vec<Arc<dyn TrackRemote>>>,
     /// Track ids the latest subscriber offer still sends (webrtc-rs never ends a remote track
     /// that renegotiation removed, so this is how a client sees a track go).
@@ -89,6 +102,8 @@ pub struct Options {
 pub struct MediaShape {
     pub video_burst: u32,
     pub pad: usize,
+    /// Leave out every Nth video sequence number (a lost packet the server should NACK).
+    pub skip_every: Option<u32>,
 }
 
 impl Default for MediaShape {
@@ -96,6 +111,7 @@ impl Default for MediaShape {
         MediaShape {
             video_burst: 1,
             pad: 24,
+            skip_every: None,
         }
     }
 }
@@ -114,7 +130,7 @@ pub struct TestPeer {
 }
 
 fn factory() -> PeerFactory {
-    PeerFactory::new(Config::defaults().media)
+    PeerFactory::client(Config::defaults().media)
 }
 
 fn local_track(user: &str, id: &str, kind: RtpCodecKind, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
@@ -279,6 +295,7 @@ impl TestPeer {
                 });
                 chat = Some(dc);
             }
+            let audio_for_feedback = audio.clone();
             let (a, v, r) = (audio, video.clone(), running.clone());
             tokio::spawn(async move {
                 if let Some(release) = hold_media {
@@ -286,18 +303,10 @@ impl TestPeer {
                 }
                 send_media(a, v, user_index, r, shape).await
             });
-            // PLIs that reach this publisher.
-            let obs = observed.clone();
-            tokio::spawn(async move {
-                while let Some(TrackLocalEvent::OnRtcpPacket(pkts)) = video.poll().await {
-                    if pkts
-                        .iter()
-                        .any(|p| p.as_any().is::<PictureLossIndication>())
-                    {
-                        obs.plis_at_publisher.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            });
+            // The feedback that reaches this publisher (all RTCP is delivered to test clients).
+            for local in [video, audio_for_feedback] {
+                tokio::spawn(count_feedback(local, observed.clone()));
+            }
             let offer = pc.create_offer(None).await.unwrap();
             pc.set_local_description(offer.clone()).await.unwrap();
             let _ = out_tx.send((
@@ -396,6 +405,30 @@ impl TestPeer {
         false
     }
 
+    /// Sends a NACK for the last packet received on the forwarded video of `publisher`, as if
+    /// it had been lost; the server should send it again from its retransmission buffer.
+    pub async fn nack_last_video_of(&self, publisher: &str) -> Option<u16> {
+        let tracks: Vec<Arc<dyn TrackRemote>> = self.observed.remote_tracks.lock().unwrap().clone();
+        for t in tracks {
+            if t.stream_id().await == publisher && t.kind().await == RtpCodecKind::Video {
+                let key = format!("{} {}", t.stream_id().await, t.track_id().await);
+                let seq = self.observed.tracks.lock().unwrap().get(&key)?.last_seq;
+                let ssrc = t.ssrcs().await.first().copied().unwrap_or(0);
+                let nack = TransportLayerNack {
+                    sender_ssrc: 0,
+                    media_ssrc: ssrc,
+                    nacks: vec![NackPair {
+                        packet_id: seq,
+                        lost_packets: 0,
+                    }],
+                };
+                t.write_rtcp(vec![Box::new(nack)]).await.ok()?;
+                return Some(seq);
+            }
+        }
+        None
+    }
+
     pub async fn close(self) {
         self.running.store(false, Ordering::SeqCst);
         let _ = self.publisher.close().await;
@@ -441,6 +474,12 @@ async fn send_media(
             let frame = n / 3;
             for k in 0..shape.video_burst {
                 video_seq = video_seq.wrapping_add(1);
+                if shape
+                    .skip_every
+                    .is_some_and(|n| video_seq.is_multiple_of(n))
+                {
+                    video_seq = video_seq.wrapping_add(1); // this one is "lost"
+                }
                 let p = rtp::Packet {
                     header: rtp::header::Header {
                         version: 2,
@@ -562,6 +601,27 @@ async fn ensure_subscriber(
     pc
 }
 
+/// Counts the RTCP a publisher's track gets back from the server.
+async fn count_feedback(local: Arc<TrackLocalStaticRTP>, observed: Arc<Observed>) {
+    while let Some(TrackLocalEvent::OnRtcpPacket(packets)) = local.poll().await {
+        for p in &packets {
+            let any = p.as_any();
+            let counter = if any.is::<PictureLossIndication>() {
+                &observed.plis_at_publisher
+            } else if any.is::<TransportLayerNack>() {
+                &observed.nacks_at_publisher
+            } else if any.is::<TransportLayerCc>() {
+                &observed.twcc_at_publisher
+            } else if any.is::<ReceiverReport>() {
+                &observed.receiver_reports_at_publisher
+            } else {
+                continue;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 async fn record_track(t: Arc<dyn TrackRemote>, observed: Arc<Observed>) {
     observed.remote_tracks.lock().unwrap().push(t.clone());
     let key = format!("{} {}", t.stream_id().await, t.track_id().await);
@@ -582,9 +642,21 @@ async fn record_track(t: Arc<dyn TrackRemote>, observed: Arc<Observed>) {
                 r.kind = kind.clone();
                 r.ssrc = p.header.ssrc;
                 r.packets += 1;
+                r.last_seq = p.header.sequence_number;
+                if !r.seen.insert(p.header.sequence_number) {
+                    r.repeated += 1;
+                }
                 if r.first_payloads.len() < 20 {
                     r.first_payloads.push(p.payload.clone());
                 }
+            }
+            TrackRemoteEvent::OnRtcpPacket(packets) => {
+                let reports = packets
+                    .iter()
+                    .filter(|p| p.as_any().is::<SenderReport>())
+                    .count();
+                let mut tracks = observed.tracks.lock().unwrap();
+                tracks.entry(key.clone()).or_default().sender_reports += reports as u64;
             }
             TrackRemoteEvent::OnEnded => break,
             _ => {}

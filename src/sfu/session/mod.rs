@@ -2,8 +2,8 @@
 //! (public so that the tests' webrtc clients can reuse the peer settings and interceptor).
 
 pub mod channel;
-pub mod keyframe_requests;
 pub mod member;
 pub mod peer;
+pub mod rtcp_to_app;
 pub mod sdp;
 pub mod track;

@@ -20,10 +20,10 @@ use webrtc::media_stream::track_remote::TrackRemote;
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
     RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState, Registry,
-    SettingEngineBuilder, register_default_interceptors,
+    SettingEngineBuilder, configure_twcc_sender_only, register_default_interceptors,
 };
 
-use super::keyframe_requests::{KeyframeRequestsToApp, SLOT};
+use super::rtcp_to_app::{RtcpToApp, SLOT, is_keyframe_request};
 use crate::config::MediaConfig;
 use crate::sfu::api::IceCandidate;
 
@@ -81,6 +81,8 @@ impl PeerConnectionEventHandler for Forwarding {
 pub struct PeerFactory {
     config: MediaConfig,
     next_port: AtomicU32,
+    rtcp_to_app: fn(&dyn rtc::rtcp::Packet) -> bool,
+    twcc_sender: bool,
 }
 
 fn codec(mime: &str, clock_rate: u32, channels: u16, fmtp: &str, video: bool) -> RTCRtpCodec {
@@ -175,10 +177,23 @@ fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
 }
 
 impl PeerFactory {
+    /// The server's connections: keyframe requests reach the application.
     pub fn new(config: MediaConfig) -> Self {
         PeerFactory {
             config,
             next_port: AtomicU32::new(0),
+            rtcp_to_app: is_keyframe_request,
+            twcc_sender: false,
+        }
+    }
+
+    /// A client's connections (tests, load tool): all inbound RTCP reaches the application, and
+    /// outgoing RTP carries transport-wide sequence numbers, as a browser's does.
+    pub fn client(config: MediaConfig) -> Self {
+        PeerFactory {
+            rtcp_to_app: |_| true,
+            twcc_sender: true,
+            ..Self::new(config)
         }
     }
 
@@ -198,7 +213,13 @@ impl PeerFactory {
             let addr_used = addr.clone();
             let mut me = media_engine()?;
             let registry = register_default_interceptors(Registry::new(), &mut me)?
-                .with(Slot::from(SLOT as usize), KeyframeRequestsToApp::default());
+                .with(Slot::from(SLOT as usize), RtcpToApp::new(self.rtcp_to_app));
+            // Clients stamp transport-wide sequence numbers so the server's TWCC feedback flows.
+            let registry = if self.twcc_sender {
+                configure_twcc_sender_only(registry, &mut me)?
+            } else {
+                registry
+            };
             // No mDNS: its default opens a multicast socket on :5353 per connection.
             let settings = SettingEngineBuilder::new()
                 .with_multicast_dns_mode(MulticastDnsMode::Disabled)

@@ -1,8 +1,9 @@
-//! An interceptor that lets subscribers' PLI and FIR reach the application.
+//! An interceptor that lets chosen inbound RTCP reach the application.
 //!
 //! webrtc 0.21 consumes inbound RTCP inside its interceptor chain unless an interceptor marks it
 //! `DeliverToApplication`; an SFU must see keyframe requests to relay them to the publisher.
-//! Everything else passes through untouched, so NACK, reports and TWCC handling are unaffected.
+//! It sits last in the chain, so the built-in NACK, report and TWCC interceptors still see every
+//! packet first. Test clients use it to see all the feedback the server sends them.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -15,18 +16,29 @@ use rtc::sansio::Protocol;
 /// Where it sits in the chain: after the built-in interceptors, closest to the application.
 pub const SLOT: u16 = 14_000;
 
-#[derive(Default)]
-pub struct KeyframeRequestsToApp {
+pub struct RtcpToApp {
+    wanted: fn(&dyn rtc::rtcp::Packet) -> bool,
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
 }
 
-fn is_keyframe_request(p: &dyn rtc::rtcp::Packet) -> bool {
+/// PLI and FIR: what the server relays to publishers.
+pub fn is_keyframe_request(p: &dyn rtc::rtcp::Packet) -> bool {
     let any = p.as_any();
     any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
 }
 
-impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestsToApp {
+impl RtcpToApp {
+    pub fn new(wanted: fn(&dyn rtc::rtcp::Packet) -> bool) -> Self {
+        RtcpToApp {
+            wanted,
+            read: VecDeque::new(),
+            write: VecDeque::new(),
+        }
+    }
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpToApp {
     type Rout = TaggedPacket;
     type Wout = TaggedPacket;
     type Eout = ();
@@ -37,7 +49,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestsToApp {
         if let Packet::Rtcp(packets) = &msg.message.packet {
             let requests: Vec<Box<dyn rtc::rtcp::Packet>> = packets
                 .iter()
-                .filter(|p| is_keyframe_request(p.as_ref()))
+                .filter(|p| (self.wanted)(p.as_ref()))
                 .cloned()
                 .collect();
             if requests.is_empty() {
@@ -64,7 +76,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestsToApp {
     }
 }
 
-impl Interceptor for KeyframeRequestsToApp {
+impl Interceptor for RtcpToApp {
     fn bind_local_stream(&mut self, _: &StreamInfo) {}
     fn unbind_local_stream(&mut self, _: &StreamInfo) {}
     fn bind_remote_stream(&mut self, _: &StreamInfo) {}
