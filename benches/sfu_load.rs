@@ -69,6 +69,7 @@ async fn main() {
             pad: args.pad,
             skip_every: None,
         },
+        accept_video: None,
     };
     let publisher = TestPeer::join_with(addr, "pub", "load", 1, options).await;
     let mut subs = Vec::new();

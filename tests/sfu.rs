@@ -315,6 +315,7 @@ async fn members_joining_together_cost_each_subscriber_one_offer() {
         chat: false,
         hold_media: Some(go.clone()),
         shape: Default::default(),
+        accept_video: None,
     };
     let (x, y, z) = tokio::join!(
         TestPeer::join_with(addr, "x", "R", 1, held()),
@@ -447,6 +448,7 @@ async fn rtcp_feedback_flows_through_webrtcs_interceptors() {
             skip_every: Some(20),
             ..Default::default()
         },
+        accept_video: None,
     };
     let a = TestPeer::join_with(addr, "alice", "R", 1, lossy).await;
     let b = TestPeer::join(addr, "bob", "R", 2, false).await;
@@ -500,5 +502,40 @@ async fn rtcp_feedback_flows_through_webrtcs_interceptors() {
     );
     a.close().await;
     b.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_gets_a_track_only_in_a_codec_its_answer_accepts() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await; // Opus + VP8
+    let h264_only = Options {
+        publish: false,
+        chat: false,
+        hold_media: None,
+        shape: Default::default(),
+        accept_video: Some(vec!["video/H264"]),
+    };
+    let b = TestPeer::join_with(addr, "bob", "R", 2, h264_only).await;
+    let c = TestPeer::join(addr, "carol", "R", 3, false).await;
+    // Carol takes everything; bob gets alice's audio and never her VP8 video.
+    assert!(
+        eventually(MEDIA_WAIT, || c.tracks_from("alice").len() == 2).await,
+        "{}",
+        c.summary()
+    );
+    assert!(
+        eventually(MEDIA_WAIT, || b.tracks_from("alice").len() == 1).await,
+        "{}",
+        b.summary()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = b.tracks_from("alice");
+    assert_eq!(got.len(), 1, "{}", b.summary());
+    assert_eq!(got[0].kind, "audio");
+    a.close().await;
+    b.close().await;
+    c.close().await;
     server.shutdown().await;
 }

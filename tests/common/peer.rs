@@ -76,6 +76,8 @@ pub struct Observed {
     pub nacks_at_publisher: AtomicU64,
     pub twcc_at_publisher: AtomicU64,
     pub receiver_reports_at_publisher: AtomicU64,
+    /// The video codecs this member's subscriber connection accepts (`None`: all).
+    pub subscriber_video_codecs: Mutex<Option<Vec<&'static str>>>,
     pub remote_tracks: Mutex<Vec<Arc<dyn TrackRemote>>>,
     /// Track ids the latest subscriber offer still sends (webrtc-rs never ends a remote track
     /// that renegotiation removed, so this is how a client sees a track go).
@@ -94,6 +96,8 @@ pub struct Options {
     /// Media starts only when this is notified (several publishers can then start together).
     pub hold_media: Option<Arc<tokio::sync::Notify>>,
     pub shape: MediaShape,
+    /// Video codecs the subscriber connection accepts (`None`: all the server offers).
+    pub accept_video: Option<Vec<&'static str>>,
 }
 
 /// How much video a publisher sends: `video_burst` packets per frame at 30 frames/s, each with
@@ -211,6 +215,7 @@ impl TestPeer {
             chat: publish,
             hold_media: None,
             shape: MediaShape::default(),
+            accept_video: None,
         };
         Self::join_with(addr, user, room, user_index, options).await
     }
@@ -227,11 +232,13 @@ impl TestPeer {
             chat: with_chat,
             hold_media,
             shape,
+            accept_video,
         } = options;
         let client = Client::connect(addr, &query(user, Some(room)))
             .await
             .expect("signaling connects");
         let observed = Arc::new(Observed::default());
+        *observed.subscriber_video_codecs.lock().unwrap() = accept_video;
         let (pc, mut pub_events) = factory().build().await.expect("publisher pc");
         let (out_tx, out_rx) = mpsc::unbounded_channel::<(String, Value)>();
         let subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Arc::default();
@@ -576,7 +583,12 @@ async fn ensure_subscriber(
     if let Some(pc) = slot.lock().unwrap().clone() {
         return pc;
     }
-    let (pc, mut events) = factory().build().await.expect("subscriber pc");
+    let codecs = observed.subscriber_video_codecs.lock().unwrap().clone();
+    let factory = match codecs {
+        Some(codecs) => factory().with_video_codecs(&codecs),
+        None => factory(),
+    };
+    let (pc, mut events) = factory.build().await.expect("subscriber pc");
     *slot.lock().unwrap() = Some(pc.clone());
     let (obs, out) = (observed.clone(), out.clone());
     tokio::spawn(async move {

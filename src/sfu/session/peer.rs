@@ -83,7 +83,11 @@ pub struct PeerFactory {
     next_port: AtomicU32,
     rtcp_to_app: fn(&dyn rtc::rtcp::Packet) -> bool,
     twcc_sender: bool,
+    video_codecs: Vec<&'static str>,
 }
+
+/// Every video codec the server forwards.
+pub const VIDEO_CODECS: [&str; 3] = [MIME_TYPE_VP8, MIME_TYPE_VP9, MIME_TYPE_H264];
 
 fn codec(mime: &str, clock_rate: u32, channels: u16, fmtp: &str, video: bool) -> RTCRtpCodec {
     let feedback = |typ: &str, parameter: &str| RTCPFeedback {
@@ -109,7 +113,7 @@ fn codec(mime: &str, clock_rate: u32, channels: u16, fmtp: &str, video: bool) ->
 }
 
 /// Opus, VP8, VP9 and H264 (each video codec with RTX), at the payload types browsers use.
-fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
+fn media_engine(video_codecs: &[&str]) -> Result<MediaEngine, rtc::shared::error::Error> {
     let mut me = MediaEngine::default();
     let audio = RTCRtpCodecParameters {
         rtp_codec: codec(
@@ -148,6 +152,9 @@ fn media_engine() -> Result<MediaEngine, rtc::shared::error::Error> {
         ),
     ];
     for (mime, fmtp, pt) in video {
+        if !video_codecs.iter().any(|c| c.eq_ignore_ascii_case(mime)) {
+            continue;
+        }
         me.register_codec(
             RTCRtpCodecParameters {
                 rtp_codec: codec(mime, 90_000, 0, fmtp, true),
@@ -184,6 +191,7 @@ impl PeerFactory {
             next_port: AtomicU32::new(0),
             rtcp_to_app: is_keyframe_request,
             twcc_sender: false,
+            video_codecs: VIDEO_CODECS.to_vec(),
         }
     }
 
@@ -195,6 +203,12 @@ impl PeerFactory {
             twcc_sender: true,
             ..Self::new(config)
         }
+    }
+
+    /// Only these video codecs (MIME types) are offered or accepted (tests of codec choice).
+    pub fn with_video_codecs(mut self, codecs: &[&'static str]) -> Self {
+        self.video_codecs = codecs.to_vec();
+        self
     }
 
     /// A new peer connection and the channel its events arrive on.
@@ -211,7 +225,7 @@ impl PeerFactory {
         for _ in 0..attempts {
             let addr = self.next_addr();
             let addr_used = addr.clone();
-            let mut me = media_engine()?;
+            let mut me = media_engine(&self.video_codecs)?;
             let registry = register_default_interceptors(Registry::new(), &mut me)?
                 .with(Slot::from(SLOT as usize), RtcpToApp::new(self.rtcp_to_app));
             // Clients stamp transport-wide sequence numbers so the server's TWCC feedback flows.
@@ -322,6 +336,6 @@ mod tests {
 
     #[test]
     fn the_media_engine_registers() {
-        media_engine().unwrap();
+        media_engine(&VIDEO_CODECS).unwrap();
     }
 }
