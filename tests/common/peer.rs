@@ -26,7 +26,7 @@ use switchboard::sfu::api::IceCandidate;
 use switchboard::sfu::session::peer::{PeerEvent, PeerFactory};
 use switchboard::sfu::session::sdp::sending_track_ids;
 use tokio::sync::mpsc;
-use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -71,6 +71,8 @@ pub struct Observed {
     pub tracks: Mutex<HashMap<String, Received>>, // by "<stream> <track>"
     pub channels: Mutex<Vec<ReceivedChannel>>,
     pub envelopes: Mutex<Vec<Value>>,
+    /// Events other than `msg` (e.g. the `tracks` reply): (name, first argument).
+    pub events: Mutex<Vec<(String, Value)>>,
     pub subscriber_offers: AtomicU64,
     pub plis_at_publisher: AtomicU64,
     pub nacks_at_publisher: AtomicU64,
@@ -291,6 +293,14 @@ impl TestPeer {
                 .await
                 .unwrap();
             if with_chat {
+                // A second channel, unordered with at most 2 retransmissions: copied as it is.
+                let lossy = RTCDataChannelInit {
+                    ordered: false,
+                    max_retransmits: Some(2),
+                    ..Default::default()
+                };
+                let state = pc.create_data_channel("state", Some(lossy)).await.unwrap();
+                tokio::spawn(async move { while state.poll().await.is_some() {} });
                 let dc = pc.create_data_channel("chat", None).await.unwrap();
                 let (poll_dc, open) = (dc.clone(), chat_open.clone());
                 tokio::spawn(async move {
@@ -533,7 +543,11 @@ async fn dispatch(
                     if p.is_err() { return; }
                     continue;
                 };
-                if name != "msg" { continue; }
+                if name != "msg" {
+                    let first = args.into_iter().next().unwrap_or(Value::Null);
+                    observed.events.lock().unwrap().push((name, first));
+                    continue;
+                }
                 let m = args.into_iter().next().unwrap_or(Value::Null);
                 observed.envelopes.lock().unwrap().push(m.clone());
                 let data = &m["data"];
