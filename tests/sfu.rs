@@ -574,3 +574,46 @@ async fn a_subscriber_gets_a_track_only_in_a_codec_its_answer_accepts() {
     c.close().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_ports_and_the_advertised_address_follow_the_config() {
+    let base = 40_000 + (std::process::id() % 20_000) as u16;
+    let mut config = common::test_config();
+    (config.media.udp_port_min, config.media.udp_port_max) = (base, base + 19);
+    // Advertised instead of the bound 127.0.0.1, as behind a 1:1 NAT (still loopback here).
+    config.media.public_ip = "127.0.0.2".into();
+    let server = switchboard::Server::start(config).await.unwrap();
+    let a = TestPeer::join(server.local_addr(), "alice", "R", 1, true).await;
+    let from_server = || {
+        a.envelopes_of("candidate")
+            .into_iter()
+            .filter_map(|e| {
+                e["data"]["candidate"]["candidate"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect::<Vec<String>>()
+    };
+    assert!(
+        eventually(MEDIA_WAIT, || !from_server().is_empty()).await,
+        "no candidate from the server"
+    );
+    for c in from_server() {
+        let fields: Vec<&str> = c.split(' ').collect();
+        let port: u16 = fields[5].parse().unwrap();
+        assert_eq!(fields[4], "127.0.0.2", "{c}");
+        assert!(
+            (base..=base + 19).contains(&port),
+            "{c}: port outside {base}..{}",
+            base + 19
+        );
+    }
+    let answer = a.envelopes_of("answer");
+    let sdp = answer[0]["data"]["sdp"]["sdp"].as_str().unwrap();
+    assert!(
+        !sdp.contains("127.0.0.1 "),
+        "the bound address never shows: {sdp}"
+    );
+    a.close().await;
+    server.shutdown().await;
+}
