@@ -141,6 +141,12 @@ impl Server {
 }
 
 fn random_node_id() -> String {
+    format!("{:012x}", random_u64() & 0xffff_ffff_ffff)
+}
+
+/// A random number from the standard library's per-process hash keys, the clock and the pid
+/// (ids and SSRCs need uniqueness, not cryptographic strength).
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
@@ -150,5 +156,5 @@ fn random_node_id() -> String {
             .as_nanos(),
     );
     h.write_u32(std::process::id());
-    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+    h.finish()
 }

@@ -76,16 +76,9 @@ pub struct Sfu {
     joins: tokio::sync::Mutex<()>,
 }
 
+/// A fresh SSRC for a subscriber's copy of a track (never 0).
 fn random_ssrc() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64,
-    );
-    (h.finish() as u32) | 1
+    (crate::random_u64() as u32) | 1
 }
 
 impl Sfu {
