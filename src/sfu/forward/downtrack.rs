@@ -86,10 +86,16 @@ pub struct DownTrack<S> {
 /// Offsets of the stream segment being forwarded: out = in + offset (wrapping).
 #[derive(Debug, Clone, Copy)]
 struct Segment {
-    first_in_seq: u16,
+    /// The segment's first input sequence number, while packets from before it can still
+    /// arrive late; `None` once the segment is far past it (sequence numbers wrap, so the
+    /// comparison would turn around after 32768 packets).
+    first_in_seq: Option<u16>,
     seq_offset: u16,
     ts_offset: u32,
 }
+
+/// How far a segment goes before late packets from before its start stop being checked.
+const LATE_WINDOW: i16 = 1024;
 
 #[derive(Debug, Clone, Copy)]
 struct LastOut {
@@ -132,7 +138,7 @@ impl<S> DownTrack<S> {
             }
         };
         self.segment = Some(Segment {
-            first_in_seq: h.sequence_number,
+            first_in_seq: Some(h.sequence_number),
             seq_offset,
             ts_offset,
         });
@@ -151,9 +157,17 @@ impl<S> DownTrack<S> {
         let (Some(seg), Some(pt)) = (self.segment, self.config.payload_type) else {
             return false;
         };
-        if seq_diff(h.sequence_number, seg.first_in_seq) < 0 {
-            self.stats.stale += 1;
-            return false;
+        if let Some(first) = seg.first_in_seq {
+            let since_start = seq_diff(h.sequence_number, first);
+            if since_start < 0 {
+                self.stats.stale += 1;
+                return false;
+            }
+            if since_start > LATE_WINDOW
+                && let Some(s) = &mut self.segment
+            {
+                s.first_in_seq = None;
+            }
         }
         out.marker = h.marker;
         out.payload_type = pt;

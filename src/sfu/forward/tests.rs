@@ -473,3 +473,18 @@ fn removed_down_tracks_get_nothing() {
     run(&mut f, &pkt(1, 1, 0, b"x"), Instant::now(), &mut sent);
     assert_eq!(sent.iter().map(|s| s.0).collect::<Vec<_>>(), [2]);
 }
+
+#[test]
+fn a_long_stream_keeps_flowing_past_the_sequence_number_half_range() {
+    let mut f = TrackForwarder::new(Codec::Opus);
+    f.add_layer(1, None);
+    f.add_down_track(down(1, 111), 1);
+    let t0 = Instant::now();
+    let mut sent = 0u32;
+    for i in 0..100_000u32 {
+        let p = pkt(1, (10 + i) as u16, i.wrapping_mul(960), b"x");
+        f.forward(&p, t0, |_, _, _| sent += 1);
+    }
+    assert_eq!(sent, 100_000, "every packet of a 100k-packet stream is forwarded");
+    assert_eq!(f.down_track(1).unwrap().stats.stale, 0);
+}
