@@ -61,9 +61,14 @@ impl Server {
         };
 
         let (sfu_tx, sfu_rx) = mpsc::unbounded_channel();
+        let rooms = Arc::new(Rooms::new(registry));
+        let sessions = rooms.clone();
+        let is_current = Box::new(move |user: &str, session: &str| {
+            sessions.local(user).is_some_and(|s| s.token == session)
+        });
         let signal = Arc::new(Signal {
-            outbox: Outbox::new(Arc::new(Rooms::new(registry)), bus),
-            sfu: Sfu::new(config.media.clone(), sfu_tx),
+            outbox: Outbox::new(rooms, bus),
+            sfu: Sfu::new(config.media.clone(), sfu_tx, is_current),
             node_id: node_id.clone(),
             max_message_bytes: config.signal.max_message_bytes,
         });
@@ -108,11 +113,6 @@ impl Server {
 
     pub fn node_id(&self) -> &str {
         &self.node_id
-    }
-
-    /// Members with a media session on this node.
-    pub fn media_sessions(&self) -> usize {
-        self.signal.sfu.member_count()
     }
 
     /// Graceful stop: every member leaves (rooms are told), the node's registry entries are

@@ -172,7 +172,21 @@ impl RedisRegistry {
     where
         F: Future<Output = Result<T, RedisError>>,
     {
-        match tokio::time::timeout(self.cfg.command_timeout(), op).await {
+        self.attempt_within(self.cfg.command_timeout(), what, op)
+            .await
+    }
+
+    /// [`Self::attempt`] with its own time budget (for work of many commands).
+    async fn attempt_within<T, F>(
+        &self,
+        budget: std::time::Duration,
+        what: &str,
+        op: F,
+    ) -> Option<T>
+    where
+        F: Future<Output = Result<T, RedisError>>,
+    {
+        match tokio::time::timeout(budget, op).await {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
                 self.mark_down(what, &e.to_string());
@@ -331,7 +345,14 @@ impl RedisRegistry {
         };
         if lost || !self.is_healthy() {
             let _writes = self.writes.lock().await;
-            if self.attempt("resync", self.resync()).await.is_none() {
+            // One command timeout per entry to write (and one for reading the node's set).
+            let entries = self.local.snapshot().len() as u32 + 1;
+            let budget = self.cfg.command_timeout() * entries.saturating_mul(2);
+            if self
+                .attempt_within(budget, "resync", self.resync())
+                .await
+                .is_none()
+            {
                 return;
             }
             if !self.healthy.swap(true, Ordering::SeqCst) {

@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rtc::media_stream::MediaStreamTrack;
-use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
-use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -30,6 +28,7 @@ use forward::{Codec, DownTrackConfig, Quality};
 use session::channel::ChannelSource;
 use session::member::{DownEntry, Leg, Member};
 use session::peer::{FORWARDED_EXTENSIONS, PeerEvent, PeerFactory};
+use session::rtcp_to_app::is_keyframe_request;
 use session::track::{self as track_task, TrackCommand};
 
 /// A track a member publishes, and the handle to its fan-out task.
@@ -62,8 +61,6 @@ struct State {
     members: HashMap<String, Arc<Member>>,
     tracks: Vec<Arc<Published>>,
     channels: Vec<Arc<ChannelSource>>,
-    /// The publisher's latest offer per member (extension ids, simulcast rids).
-    offers: HashMap<String, String>,
 }
 
 pub struct Sfu {
@@ -74,7 +71,11 @@ pub struct Sfu {
     /// Makes "find or create the member" atomic: a candidate and an offer arriving together
     /// (socket.io runs handlers concurrently) must not create two sessions.
     joins: tokio::sync::Mutex<()>,
+    is_current: SessionCheck,
 }
+
+/// Whether (user, session) is the user's current signaling connection.
+pub type SessionCheck = Box<dyn Fn(&str, &str) -> bool + Send + Sync>;
 
 /// A fresh SSRC for a subscriber's copy of a track (never 0).
 fn random_ssrc() -> u32 {
@@ -82,13 +83,20 @@ fn random_ssrc() -> u32 {
 }
 
 impl Sfu {
-    pub fn new(config: MediaConfig, events: mpsc::UnboundedSender<SfuEvent>) -> Arc<Sfu> {
+    /// `is_current(user, session)` tells whether a signaling connection is still the user's
+    /// current one; a request of a replaced or closed connection then starts nothing.
+    pub fn new(
+        config: MediaConfig,
+        events: mpsc::UnboundedSender<SfuEvent>,
+        is_current: SessionCheck,
+    ) -> Arc<Sfu> {
         Arc::new(Sfu {
             factory: PeerFactory::new(config),
             events,
             state: Mutex::new(State::default()),
             next_id: AtomicU64::new(1),
             joins: tokio::sync::Mutex::new(()),
+            is_current,
         })
     }
 
@@ -132,6 +140,11 @@ impl Sfu {
         let _one_join_at_a_time = self.joins.lock().await;
         if let Some(m) = self.member(user_id, session) {
             return Ok(m);
+        }
+        // Checked under the lock: a request of a connection replaced meanwhile must not evict
+        // the newer connection's session below.
+        if !(self.is_current)(user_id, session) {
+            return Err(SfuError::NoConnection(PcKind::Subscriber));
         }
         let previous = self.state.lock().unwrap().members.get(user_id).cloned();
         if let Some(previous) = previous {
@@ -235,12 +248,8 @@ impl Sfu {
         let member = self.join(user_id, room_id, session).await?;
         let leg = self.publisher_leg(&member).await?;
         let _one_offer_at_a_time = leg.offers.lock().await;
-        self.state
-            .lock()
-            .unwrap()
-            .offers
-            .insert(user_id.to_owned(), sdp.clone());
         member.publisher_offer(&leg, sdp.clone()).await?;
+        *member.publisher_sdp.lock().unwrap() = sdp.clone();
         // A track the offer no longer sends is unpublished (webrtc never ends it by itself).
         let sending = session::sdp::sending_track_ids(&sdp);
         let gone: Vec<Arc<Published>> = self
@@ -400,10 +409,7 @@ impl Sfu {
         let member = {
             let mut s = self.state.lock().unwrap();
             match s.members.get(user_id) {
-                Some(m) if m.session == session => {
-                    s.offers.remove(user_id);
-                    s.members.remove(user_id)
-                }
+                Some(m) if m.session == session => s.members.remove(user_id),
                 _ => None,
             }
         };
@@ -424,10 +430,11 @@ impl Sfu {
             self.unpublish(&t).await;
         }
         for c in channels {
-            c.remove_copies_of(user_id).await;
+            c.remove_copies_of(&member.session).await;
         }
         let downs: Vec<DownEntry> = std::mem::take(&mut *member.downs.lock().unwrap());
         for d in downs {
+            d.keyframe_relay.abort();
             let _ = d.commands.send(TrackCommand::RemoveDown(d.down_id));
         }
         info!(user = %user_id, "media session ended");
@@ -537,14 +544,7 @@ impl Sfu {
             let _ = t.commands.send(TrackCommand::Source(remote));
             return;
         }
-        let offer = self
-            .state
-            .lock()
-            .unwrap()
-            .offers
-            .get(&member.user_id)
-            .cloned()
-            .unwrap_or_default();
+        let offer = member.publisher_sdp.lock().unwrap().clone();
         let ext_ids = session::sdp::extension_ids(&offer, &track_id)
             .into_iter()
             .filter(|(uri, _)| FORWARDED_EXTENSIONS.contains(&uri.as_str()))
@@ -562,7 +562,17 @@ impl Sfu {
             ext_ids,
             commands,
         });
-        self.state.lock().unwrap().tracks.push(published.clone());
+        {
+            let mut s = self.state.lock().unwrap();
+            let live = s
+                .members
+                .get(&member.user_id)
+                .is_some_and(|m| Arc::ptr_eq(m, member));
+            if !live {
+                return; // the session ended meanwhile; dropping `published` ends the task
+            }
+            s.tracks.push(published.clone());
+        }
         info!(user = %member.user_id, track = %track_id, ?kind, "track published");
         let _ = self.events.send(SfuEvent::TrackPublished {
             room_id: member.room_id.clone(),
@@ -698,7 +708,7 @@ impl Sfu {
 
     async fn add_channel_copy(&self, member: &Arc<Member>, source: &Arc<ChannelSource>) {
         let ops = member.track_ops.lock().await;
-        if member.closed.load(Ordering::SeqCst) || source.has_copy_for(&member.user_id) {
+        if member.closed.load(Ordering::SeqCst) || source.has_copy_for(&member.session) {
             return;
         }
         match member
@@ -707,7 +717,7 @@ impl Sfu {
             .create_data_channel(&source.label, Some(source.init.clone()))
             .await
         {
-            Ok(copy) => source.add_copy(&member.user_id, copy),
+            Ok(copy) => source.add_copy(&member.session, copy),
             Err(e) => {
                 warn!(user = %member.user_id, label = %source.label, "cannot create the relayed channel: {e}");
                 return;
@@ -728,10 +738,7 @@ async fn relay_keyframe_requests(
     down_id: u64,
 ) {
     while let Some(TrackLocalEvent::OnRtcpPacket(packets)) = local.poll().await {
-        let asks = packets.iter().any(|p| {
-            let any = p.as_any();
-            any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
-        });
+        let asks = packets.iter().any(|p| is_keyframe_request(p.as_ref()));
         if asks
             && commands
                 .send(TrackCommand::KeyframeRequest(down_id))

@@ -111,7 +111,11 @@ pub async fn to_sfu(
         }
         Directed::Answer => {
             let p: SdpPayload = parse(payload)?;
-            if pc_kind(p.pc.as_deref())? != PcKind::Subscriber || p.sdp.kind != "answer" {
+            // Without `pc`, an answer is for the subscriber: the only connection a client answers.
+            let pc =
+                p.pc.as_deref()
+                    .map_or(Ok(PcKind::Subscriber), |pc| pc_kind(Some(pc)))?;
+            if pc != PcKind::Subscriber || p.sdp.kind != "answer" {
                 return Err(Refusal::Malformed(
                     "the client answers on the subscriber connection only".into(),
                 ));

@@ -74,23 +74,8 @@ async fn on_connect(s: SocketRef, State(app): State<App>) {
     let Some(conn) = s.extensions.get::<Arc<Conn>>() else {
         return;
     };
-    let session = Session {
-        handle: s.id,
-        token: conn.token.clone(),
-        room_id: conn.room_id.clone(),
-    };
-    let outbox = &app.outbox;
-    if let Some(previous) = outbox.rooms.join(&conn.user_id, session).await {
-        close_replaced(outbox.io(), previous.handle, conn.room_id.clone());
-    }
-    if let Some(bus) = &outbox.bus {
-        bus.publish(BusEvent::Replace {
-            user_id: conn.user_id.clone(),
-            token: conn.token.clone(),
-            room_id: conn.room_id.clone(),
-        });
-    }
-    info!(user = %conn.user_id, room = ?conn.room_id, sid = %s.id, transport = ?s.transport_type(), "join");
+    // Handlers first: socketioxide has already sent CONNECT, and it drops the events (and the
+    // disconnect) of a socket that has no handler for them yet.
     s.on("msg", on_msg);
     s.on("roomUserList", on_room_user_list);
     for kind in Directed::ALL {
@@ -111,6 +96,34 @@ async fn on_connect(s: SocketRef, State(app): State<App>) {
     s.on_disconnect(on_disconnect);
     if let Some(room) = &conn.room_id {
         s.join(room_channel(room));
+    }
+
+    let session = Session {
+        handle: s.id,
+        token: conn.token.clone(),
+        room_id: conn.room_id.clone(),
+    };
+    let outbox = &app.outbox;
+    if let Some(previous) = outbox.rooms.join(&conn.user_id, session).await {
+        close_replaced(outbox.io(), previous.handle, conn.room_id.clone());
+    }
+    if !s.connected() {
+        // Gone while joining: its disconnect may have run before the join was recorded.
+        outbox
+            .rooms
+            .leave(&conn.user_id, conn.room_id.as_deref(), &conn.token)
+            .await;
+        return;
+    }
+    if let Some(bus) = &outbox.bus {
+        bus.publish(BusEvent::Replace {
+            user_id: conn.user_id.clone(),
+            token: conn.token.clone(),
+            room_id: conn.room_id.clone(),
+        });
+    }
+    info!(user = %conn.user_id, room = ?conn.room_id, sid = %s.id, transport = ?s.transport_type(), "join");
+    if let Some(room) = &conn.room_id {
         outbox
             .to_room(room, &protocol::join_envelope(&conn.user_id, room))
             .await;
@@ -282,7 +295,8 @@ async fn apply_remote(
         tokio::select! {
             Some(event) = from_sfu.recv() => match media::delivery(event) {
                 media::Delivery::User(user, envelope) => {
-                    outbox.to_user(&user, &envelope).await;
+                    // Media sessions are node-local: never send their SDP to another node.
+                    outbox.to_local_user(&user, &envelope);
                 }
                 media::Delivery::Room(room, envelope) => outbox.to_room(&room, &envelope).await,
             },

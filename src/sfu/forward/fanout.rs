@@ -68,10 +68,6 @@ impl<S> TrackForwarder<S> {
         }
     }
 
-    pub fn codec(&self) -> Codec {
-        self.codec
-    }
-
     /// Registers a source SSRC (a simulcast layer by its rid, or the single stream). A known SSRC
     /// is ignored, so repeated announcements (after every renegotiation) are harmless.
     pub fn add_layer(&mut self, ssrc: u32, rid: Option<&str>) {
@@ -97,10 +93,6 @@ impl<S> TrackForwarder<S> {
         });
     }
 
-    pub fn layer_count(&self) -> usize {
-        self.layers.len()
-    }
-
     pub fn add_down_track(&mut self, config: DownTrackConfig, sink: S) {
         self.remove_down_track(config.id);
         self.downs.push(DownTrack::new(config, sink));
@@ -113,10 +105,6 @@ impl<S> TrackForwarder<S> {
 
     pub fn down_track(&self, id: DownTrackId) -> Option<&DownTrack<S>> {
         self.downs.iter().find(|d| d.config.id == id)
-    }
-
-    pub fn down_tracks(&self) -> &[DownTrack<S>] {
-        &self.downs
     }
 
     /// Applies a renegotiated payload type or extension mapping.
@@ -141,10 +129,6 @@ impl<S> TrackForwarder<S> {
             }
         }
         self.muted = muted;
-    }
-
-    pub fn is_muted(&self) -> bool {
-        self.muted
     }
 
     /// The layer to send a subscriber: the best active one not above its wish, else the lowest

@@ -485,6 +485,9 @@ fn a_long_stream_keeps_flowing_past_the_sequence_number_half_range() {
         let p = pkt(1, (10 + i) as u16, i.wrapping_mul(960), b"x");
         f.forward(&p, t0, |_, _, _| sent += 1);
     }
-    assert_eq!(sent, 100_000, "every packet of a 100k-packet stream is forwarded");
+    assert_eq!(
+        sent, 100_000,
+        "every packet of a 100k-packet stream is forwarded"
+    );
     assert_eq!(f.down_track(1).unwrap().stats.stale, 0);
 }

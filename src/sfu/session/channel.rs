@@ -20,7 +20,8 @@ pub struct ChannelSource {
 }
 
 struct Copy {
-    member: String,
+    /// The media session (signaling connection token) whose subscriber connection has it.
+    session: String,
     channel: Arc<dyn DataChannel>,
 }
 
@@ -44,20 +45,20 @@ impl ChannelSource {
         }
     }
 
-    /// Registers a copy made on `member`'s subscriber connection and keeps it polled.
-    pub fn add_copy(&self, member: &str, channel: Arc<dyn DataChannel>) {
+    /// Registers a copy made on a session's subscriber connection and keeps it polled.
+    pub fn add_copy(&self, session: &str, channel: Arc<dyn DataChannel>) {
         tokio::spawn(drain(channel.clone(), self.ended.clone()));
         self.copies.lock().unwrap().push(Copy {
-            member: member.to_owned(),
+            session: session.to_owned(),
             channel,
         });
     }
 
-    /// Forgets (and closes) the copy on `member`'s connection.
-    pub async fn remove_copies_of(&self, member: &str) {
+    /// Forgets (and closes) the copy on a session's connection.
+    pub async fn remove_copies_of(&self, session: &str) {
         let removed: Vec<Arc<dyn DataChannel>> = {
             let mut copies = self.copies.lock().unwrap();
-            let (gone, kept) = copies.drain(..).partition(|c| c.member == member);
+            let (gone, kept) = copies.drain(..).partition(|c| c.session == session);
             *copies = kept;
             gone.into_iter().map(|c| c.channel).collect()
         };
@@ -66,12 +67,12 @@ impl ChannelSource {
         }
     }
 
-    pub fn has_copy_for(&self, member: &str) -> bool {
+    pub fn has_copy_for(&self, session: &str) -> bool {
         self.copies
             .lock()
             .unwrap()
             .iter()
-            .any(|c| c.member == member)
+            .any(|c| c.session == session)
     }
 
     /// Relays the publisher's messages until its channel closes; then closes every copy.

@@ -94,6 +94,8 @@ pub struct Member {
     pub unsubscribed: Mutex<HashSet<(String, String)>>,
     pub quality: Mutex<HashMap<(String, String), Quality>>,
     pub has_channels: AtomicBool,
+    /// The client's latest publisher offer (extension ids and simulcast rids of its tracks).
+    pub publisher_sdp: Mutex<String>,
     negotiate: Notify,
     answered: Notify,
     pub closed: AtomicBool,
@@ -125,6 +127,7 @@ impl Member {
             unsubscribed: Mutex::new(HashSet::new()),
             quality: Mutex::new(HashMap::new()),
             has_channels: AtomicBool::new(false),
+            publisher_sdp: Mutex::new(String::new()),
             negotiate: Notify::new(),
             answered: Notify::new(),
             closed: AtomicBool::new(false),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
 use tokio::sync::mpsc;
@@ -45,6 +46,7 @@ pub async fn run(
     let mut forwarder: TrackForwarder<Sink> = TrackForwarder::new(codec);
     let mut out: Vec<(Sink, RtpHeader)> = Vec::new();
     let mut source_open = true;
+    let mut dropped: u64 = 0;
     loop {
         tokio::select! {
             biased;
@@ -68,8 +70,13 @@ pub async fn run(
                         out.push((sink.clone(), header.clone()));
                     });
                     for (sink, header) in out.drain(..) {
-                        if let Err(e) = sink.write_rtp(to_rtc(header, packet.payload.clone())).await {
-                            debug!(track = %track_id, "write_rtp: {e}");
+                        // Never wait for one subscriber: webrtc's write_rtp waits when that
+                        // connection's queue is full, which would stall every other subscriber
+                        // and the publisher's reads. Such a subscriber loses this packet instead.
+                        match sink.write_rtp(to_rtc(header, packet.payload.clone())).now_or_never() {
+                            Some(Ok(())) => {}
+                            Some(Err(e)) => debug!(track = %track_id, "write_rtp: {e}"),
+                            None => dropped += 1,
                         }
                     }
                     if let Some(ssrc) = keyframe_for {
@@ -82,7 +89,7 @@ pub async fn run(
         }
     }
     let stats = forwarder.stats;
-    debug!(track = %track_id, packets = stats.packets, malformed = stats.malformed, "fan-out ended");
+    debug!(track = %track_id, packets = stats.packets, malformed = stats.malformed, dropped, "fan-out ended");
 }
 
 async fn apply(
