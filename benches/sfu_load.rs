@@ -70,6 +70,7 @@ async fn main() {
             skip_every: None,
         },
         accept_video: None,
+        media_runtime: None,
     };
     let publisher = TestPeer::join_with(addr, "pub", "load", 1, options).await;
     let mut subs = Vec::new();

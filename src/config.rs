@@ -72,6 +72,8 @@ pub struct MediaConfig {
     pub udp_port_min: u16,
     pub udp_port_max: u16,
     pub ice_servers: Vec<IceServer>,
+    pub ice_disconnected_ms: u64,
+    pub ice_failed_ms: u64,
 }
 
 impl MediaConfig {

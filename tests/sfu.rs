@@ -351,6 +351,7 @@ async fn members_joining_together_cost_each_subscriber_one_offer() {
         hold_media: Some(go.clone()),
         shape: Default::default(),
         accept_video: None,
+        media_runtime: None,
     };
     let (x, y, z) = tokio::join!(
         TestPeer::join_with(addr, "x", "R", 1, held()),
@@ -484,6 +485,7 @@ async fn rtcp_feedback_flows_through_webrtcs_interceptors() {
             ..Default::default()
         },
         accept_video: None,
+        media_runtime: None,
     };
     let a = TestPeer::join_with(addr, "alice", "R", 1, lossy).await;
     let b = TestPeer::join(addr, "bob", "R", 2, false).await;
@@ -551,6 +553,7 @@ async fn a_subscriber_gets_a_track_only_in_a_codec_its_answer_accepts() {
         hold_media: None,
         shape: Default::default(),
         accept_video: Some(vec!["video/H264"]),
+        media_runtime: None,
     };
     let b = TestPeer::join_with(addr, "bob", "R", 2, h264_only).await;
     let c = TestPeer::join(addr, "carol", "R", 3, false).await;
@@ -615,5 +618,59 @@ async fn media_ports_and_the_advertised_address_follow_the_config() {
         "the bound address never shows: {sdp}"
     );
     a.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_connections_die_is_removed_everywhere() {
+    let mut config = common::test_config();
+    (config.media.ice_disconnected_ms, config.media.ice_failed_ms) = (500, 1500);
+    let server = switchboard::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    // Alice's peer connections live on their own runtime; her signaling does not.
+    let media = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let doomed = Options {
+        publish: true,
+        chat: true,
+        hold_media: None,
+        shape: Default::default(),
+        accept_video: None,
+        media_runtime: Some(media.handle().clone()),
+    };
+    let a = TestPeer::join_with(addr, "alice", "R", 1, doomed).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
+    assert!(
+        eventually(MEDIA_WAIT, || b.tracks_from("alice").len() == 2).await,
+        "{}",
+        b.summary()
+    );
+
+    // The network fails: alice's connections vanish without a goodbye; her socket stays.
+    media.shutdown_background();
+    let removed = eventually(MEDIA_WAIT, || {
+        let gone: Vec<String> = b
+            .envelopes_of("trackUnpublished")
+            .iter()
+            .filter_map(|e| e["data"]["trackId"].as_str().map(str::to_owned))
+            .collect();
+        gone.contains(&"alice-audio".to_owned()) && gone.contains(&"alice-video".to_owned())
+    })
+    .await;
+    assert!(
+        removed,
+        "alice's tracks are unpublished once her connection fails: {:?}",
+        b.envelopes_of("trackUnpublished")
+    );
+    assert!(
+        eventually(MEDIA_WAIT, || b.tracks_from("alice").is_empty()).await,
+        "{}",
+        b.summary()
+    );
+    b.close().await;
+    drop(a);
     server.shutdown().await;
 }

@@ -80,6 +80,8 @@ pub struct Observed {
     pub receiver_reports_at_publisher: AtomicU64,
     /// The video codecs this member's subscriber connection accepts (`None`: all).
     pub subscriber_video_codecs: Mutex<Option<Vec<&'static str>>>,
+    /// Where the peer connections run (`None`: the test's runtime).
+    pub media_runtime: Mutex<Option<tokio::runtime::Handle>>,
     pub remote_tracks: Mutex<Vec<Arc<dyn TrackRemote>>>,
     /// Track ids the latest subscriber offer still sends (webrtc-rs never ends a remote track
     /// that renegotiation removed, so this is how a client sees a track go).
@@ -100,6 +102,9 @@ pub struct Options {
     pub shape: MediaShape,
     /// Video codecs the subscriber connection accepts (`None`: all the server offers).
     pub accept_video: Option<Vec<&'static str>>,
+    /// Run the peer connections on this runtime; shutting it down kills them without a goodbye
+    /// while signaling goes on (a network failure).
+    pub media_runtime: Option<tokio::runtime::Handle>,
 }
 
 /// How much video a publisher sends: `video_burst` packets per frame at 30 frames/s, each with
@@ -218,6 +223,7 @@ impl TestPeer {
             hold_media: None,
             shape: MediaShape::default(),
             accept_video: None,
+            media_runtime: None,
         };
         Self::join_with(addr, user, room, user_index, options).await
     }
@@ -235,13 +241,15 @@ impl TestPeer {
             hold_media,
             shape,
             accept_video,
+            media_runtime,
         } = options;
         let client = Client::connect(addr, &query(user, Some(room)))
             .await
             .expect("signaling connects");
         let observed = Arc::new(Observed::default());
         *observed.subscriber_video_codecs.lock().unwrap() = accept_video;
-        let (pc, mut pub_events) = factory().build().await.expect("publisher pc");
+        *observed.media_runtime.lock().unwrap() = media_runtime;
+        let (pc, mut pub_events) = build_pc(&observed, factory()).await;
         let (out_tx, out_rx) = mpsc::unbounded_channel::<(String, Value)>();
         let subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Arc::default();
         let running = Arc::new(AtomicBool::new(true));
@@ -589,6 +597,22 @@ async fn dispatch(
     }
 }
 
+/// Builds a peer connection on the member's media runtime (see [`Options::media_runtime`]).
+async fn build_pc(
+    observed: &Observed,
+    factory: PeerFactory,
+) -> (Arc<dyn PeerConnection>, mpsc::UnboundedReceiver<PeerEvent>) {
+    let runtime = observed.media_runtime.lock().unwrap().clone();
+    let built = match runtime {
+        Some(rt) => rt
+            .spawn(async move { factory.build().await })
+            .await
+            .expect("media runtime"),
+        None => factory.build().await,
+    };
+    built.expect("peer connection")
+}
+
 async fn ensure_subscriber(
     slot: &Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
     observed: &Arc<Observed>,
@@ -602,7 +626,7 @@ async fn ensure_subscriber(
         Some(codecs) => factory().with_video_codecs(&codecs),
         None => factory(),
     };
-    let (pc, mut events) = factory.build().await.expect("subscriber pc");
+    let (pc, mut events) = build_pc(observed, factory).await;
     *slot.lock().unwrap() = Some(pc.clone());
     let (obs, out) = (observed.clone(), out.clone());
     tokio::spawn(async move {

@@ -246,6 +246,13 @@ impl PeerFactory {
                 .with_host_acceptance_min_wait(Some(std::time::Duration::ZERO))
                 .with_prflx_acceptance_min_wait(Some(std::time::Duration::ZERO))
                 .with_srflx_acceptance_min_wait(Some(std::time::Duration::ZERO))
+                .with_ice_timeouts(
+                    Some(std::time::Duration::from_millis(
+                        self.config.ice_disconnected_ms,
+                    )),
+                    Some(std::time::Duration::from_millis(self.config.ice_failed_ms)),
+                    None,
+                )
                 .build();
             let built = PeerConnectionBuilder::new()
                 // The server needs no STUN/TURN: it is the reachable side.
