@@ -63,9 +63,8 @@ impl Server {
         let (sfu_tx, sfu_rx) = mpsc::unbounded_channel();
         let rooms = Arc::new(Rooms::new(registry));
         let sessions = rooms.clone();
-        let is_current = Box::new(move |user: &str, session: &str| {
-            sessions.local(user).is_some_and(|s| s.token == session)
-        });
+        let is_current =
+            Box::new(move |user: &str, session: &str| sessions.is_current(user, session));
         let signal = Arc::new(Signal {
             outbox: Outbox::new(rooms, bus),
             sfu: Sfu::new(config.media.clone(), sfu_tx, is_current),

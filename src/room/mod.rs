@@ -75,6 +75,15 @@ impl<H: Clone> Rooms<H> {
         }
     }
 
+    /// Whether `token` is the user's current connection on this node.
+    pub fn is_current(&self, user_id: &str, token: &str) -> bool {
+        self.sessions
+            .lock()
+            .unwrap()
+            .get(user_id)
+            .is_some_and(|s| s.token == token)
+    }
+
     /// The user's connection on this node.
     pub fn local(&self, user_id: &str) -> Option<Session<H>> {
         self.sessions.lock().unwrap().get(user_id).cloned()

@@ -54,6 +54,8 @@ pub enum SfuEvent {
     /// An SDP for the member (`answer` on publisher, `offer` on subscriber).
     Sdp {
         user_id: String,
+        /// The signaling connection the media session belongs to: only it may get this.
+        session: String,
         pc: PcKind,
         sdp_type: &'static str,
         sdp: String,
@@ -61,6 +63,7 @@ pub enum SfuEvent {
     /// A server candidate for the member; `None` ends the candidates.
     Candidate {
         user_id: String,
+        session: String,
         pc: PcKind,
         candidate: Option<IceCandidate>,
     },

@@ -137,10 +137,7 @@ pub async fn to_sfu(
 
 /// Whether this connection is still the user's current one on this node.
 fn is_current(app: &super::Signal, conn: &Conn) -> bool {
-    app.outbox
-        .rooms
-        .local(&conn.user_id)
-        .is_some_and(|s| s.token == conn.token)
+    app.outbox.rooms.is_current(&conn.user_id, &conn.token)
 }
 
 /// `tracks`, `subscribe`, `setQuality`, `mute` and `leave`.
@@ -217,7 +214,8 @@ pub const MEDIA_EVENTS: [&str; 5] = ["tracks", "subscribe", "setQuality", "mute"
 
 /// An SFU notice as the envelope (and audience) the protocol gives it.
 pub enum Delivery {
-    User(String, Envelope<Value>),
+    /// To one connection: (userId, connection token).
+    Session(String, String, Envelope<Value>),
     Room(String, Envelope<Value>),
 }
 
@@ -225,6 +223,7 @@ pub fn delivery(event: SfuEvent) -> Delivery {
     match event {
         SfuEvent::Sdp {
             user_id,
+            session,
             pc,
             sdp_type,
             sdp,
@@ -235,16 +234,18 @@ pub fn delivery(event: SfuEvent) -> Delivery {
                 ("answer", Directed::Answer.text())
             };
             let data = json!({"fromUid": "sfu", "pc": pc, "sdp": {"type": sdp_type, "sdp": sdp}});
-            Delivery::User(user_id, Envelope::ok(kind, text, data))
+            Delivery::Session(user_id, session, Envelope::ok(kind, text, data))
         }
         SfuEvent::Candidate {
             user_id,
+            session,
             pc,
             candidate,
         } => {
             let data = json!({"fromUid": "sfu", "pc": pc, "candidate": candidate});
-            Delivery::User(
+            Delivery::Session(
                 user_id,
+                session,
                 Envelope::ok("candidate", Directed::Candidate.text(), data),
             )
         }

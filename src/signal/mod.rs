@@ -294,9 +294,12 @@ async fn apply_remote(
     loop {
         tokio::select! {
             Some(event) = from_sfu.recv() => match media::delivery(event) {
-                media::Delivery::User(user, envelope) => {
-                    // Media sessions are node-local: never send their SDP to another node.
-                    outbox.to_local_user(&user, &envelope);
+                media::Delivery::Session(user, session, envelope) => {
+                    // Only to the connection the media session belongs to: never to another
+                    // node, nor to a newer connection of the same user.
+                    if outbox.rooms.is_current(&user, &session) {
+                        outbox.to_local_user(&user, &envelope);
+                    }
                 }
                 media::Delivery::Room(room, envelope) => outbox.to_room(&room, &envelope).await,
             },

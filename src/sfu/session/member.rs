@@ -172,6 +172,7 @@ impl Member {
         };
         let _ = self.events.send(SfuEvent::Sdp {
             user_id: self.user_id.clone(),
+            session: self.session.clone(),
             pc,
             sdp_type,
             sdp,
@@ -197,6 +198,7 @@ impl Member {
     fn emit_candidate(&self, pc: PcKind, candidate: Option<IceCandidate>) {
         let _ = self.events.send(SfuEvent::Candidate {
             user_id: self.user_id.clone(),
+            session: self.session.clone(),
             pc,
             candidate,
         });
