@@ -61,11 +61,17 @@ pub async fn join(addr: SocketAddr, user: &str, room: Option<&str>) -> Client {
         .await
         .expect("connects");
     if room.is_some() {
-        let j = c
-            .recv_msg_type("join", WAIT)
-            .await
-            .expect("own join envelope");
-        assert_eq!(j["data"]["userId"], user);
+        // With several nodes, another member's join can arrive (over the bus) just after this
+        // client joined and before its own; skip those.
+        loop {
+            let j = c
+                .recv_msg_type("join", WAIT)
+                .await
+                .expect("own join envelope");
+            if j["data"]["userId"] == user {
+                break;
+            }
+        }
     }
     c
 }
