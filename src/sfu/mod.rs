@@ -269,9 +269,7 @@ impl Sfu {
 
     /// The client's answer to a subscriber offer.
     pub async fn answer(&self, user_id: &str, session: &str, sdp: String) -> Result<(), SfuError> {
-        let member = self
-            .member(user_id, session)
-            .ok_or(SfuError::NoConnection(PcKind::Subscriber))?;
+        let member = self.session_member(user_id, session, PcKind::Subscriber)?;
         member.subscriber_answer(sdp).await
     }
 
@@ -285,9 +283,7 @@ impl Sfu {
     ) -> Result<(), SfuError> {
         let leg = match pc {
             PcKind::Subscriber => {
-                let member = self
-                    .member(user_id, session)
-                    .ok_or(SfuError::NoConnection(pc))?;
+                let member = self.session_member(user_id, session, pc)?;
                 member.subscriber.clone()
             }
             PcKind::Publisher => {
@@ -310,6 +306,23 @@ impl Sfu {
             .collect()
     }
 
+    /// The member's media session, or the error for a request on a connection it lacks.
+    fn session_member(
+        &self,
+        user_id: &str,
+        session: &str,
+        pc: PcKind,
+    ) -> Result<Arc<Member>, SfuError> {
+        self.member(user_id, session)
+            .ok_or(SfuError::NoConnection(pc))
+    }
+
+    /// A track published in the room, or the 404 error.
+    fn published(&self, room_id: &str, track_id: &str) -> Result<Arc<Published>, SfuError> {
+        self.find_track(room_id, track_id)
+            .ok_or_else(|| SfuError::UnknownTrack(track_id.to_owned()))
+    }
+
     fn find_track(&self, room_id: &str, track_id: &str) -> Option<Arc<Published>> {
         self.state
             .lock()
@@ -328,14 +341,10 @@ impl Sfu {
         track_ids: &[String],
         on: bool,
     ) -> Result<(), SfuError> {
-        let member = self
-            .member(user_id, session)
-            .ok_or(SfuError::NoConnection(PcKind::Subscriber))?;
+        let member = self.session_member(user_id, session, PcKind::Subscriber)?;
         for id in track_ids {
             debug!(user = %user_id, track = %id, on, "subscribe");
-            let t = self
-                .find_track(&member.room_id, id)
-                .ok_or_else(|| SfuError::UnknownTrack(id.clone()))?;
+            let t = self.published(&member.room_id, id)?;
             let key = (t.owner.clone(), t.track_id.clone());
             if on {
                 member.unsubscribed.lock().unwrap().remove(&key);
@@ -357,12 +366,8 @@ impl Sfu {
         track_id: &str,
         quality: Quality,
     ) -> Result<(), SfuError> {
-        let member = self
-            .member(user_id, session)
-            .ok_or(SfuError::NoConnection(PcKind::Subscriber))?;
-        let t = self
-            .find_track(&member.room_id, track_id)
-            .ok_or_else(|| SfuError::UnknownTrack(track_id.to_owned()))?;
+        let member = self.session_member(user_id, session, PcKind::Subscriber)?;
+        let t = self.published(&member.room_id, track_id)?;
         member
             .quality
             .lock()
@@ -389,9 +394,7 @@ impl Sfu {
         track_id: &str,
         muted: bool,
     ) -> Result<(), SfuError> {
-        let t = self
-            .find_track(room_id, track_id)
-            .ok_or_else(|| SfuError::UnknownTrack(track_id.to_owned()))?;
+        let t = self.published(room_id, track_id)?;
         if t.owner != user_id {
             return Err(SfuError::NotYourTrack(track_id.to_owned()));
         }
