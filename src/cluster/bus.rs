@@ -7,7 +7,7 @@
 //! task publishes and retries, so a slow Redis never stalls a handler.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 const CHANNEL: &str = "switchboard:bus";
-/// Deliveries waiting for Redis; beyond this, new ones are dropped (and counted).
+/// Deliveries waiting for Redis; beyond this, new ones are dropped (logged once per overflow).
 const QUEUE: usize = 16_384;
 const RETRY: Duration = Duration::from_millis(200);
 
@@ -52,7 +52,6 @@ struct Frame {
 pub struct Bus {
     origin: String,
     queue: mpsc::Sender<Vec<u8>>,
-    dropped: AtomicU64,
     full: AtomicBool,
 }
 
@@ -88,7 +87,6 @@ impl Bus {
         Ok(Arc::new(Bus {
             origin: origin.to_owned(),
             queue,
-            dropped: AtomicU64::new(0),
             full: AtomicBool::new(false),
         }))
     }
@@ -113,16 +111,11 @@ impl Bus {
                 }
             }
             Err(_) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
                 if !self.full.swap(true, Ordering::Relaxed) {
                     warn!("bus: {QUEUE} deliveries waiting for redis; dropping new ones");
                 }
             }
         }
-    }
-
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 

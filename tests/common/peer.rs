@@ -571,16 +571,9 @@ async fn dispatch(
                         let pc = ensure_subscriber(&subscriber, &observed, &out_tx).await;
                         let sdp = data["sdp"]["sdp"].as_str().unwrap_or("").to_owned();
                         *observed.offered.lock().unwrap() = sending_track_ids(&sdp);
-                        if std::env::var("DUMP_SDP").is_ok() {
-                            eprintln!("=== offer\n{sdp}");
-                        }
-                        let trace = std::env::var("DUMP_SDP").is_ok();
                         pc.set_remote_description(RTCSessionDescription::offer(sdp).unwrap()).await.unwrap();
-                        if trace { eprintln!("client: remote offer applied"); }
                         let answer = pc.create_answer(None).await.unwrap();
-                        if trace { eprintln!("client: answer created"); }
                         pc.set_local_description(answer.clone()).await.unwrap();
-                        if trace { eprintln!("client: answer applied"); }
                         let _ = client.emit("answer", &json!({"targetUid": "sfu", "pc": "subscriber", "sdp": {"type": "answer", "sdp": answer.sdp}}));
                     }
                     ("candidate", kind) => {

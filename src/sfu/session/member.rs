@@ -284,21 +284,17 @@ impl Member {
         let answer =
             RTCSessionDescription::answer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         {
-            debug!(user = %self.user_id, "answer: waiting for sub_ops");
             let _ops = self.sub_ops.lock().await;
-            debug!(user = %self.user_id, "answer: applying");
             self.subscriber
                 .pc
                 .set_remote_description(answer)
                 .await
                 .map_err(|e| SfuError::BadSdp(e.to_string()))?;
         }
-        debug!(user = %self.user_id, "answer: applied; candidates");
         Self::remote_description_set(&self.subscriber).await;
         // Now that the server knows the client's ICE credentials, let the client have the
-        // server's candidates. A browser checks as soon as it has a candidate, and webrtc's ICE
-        // agent drops checks that arrive before the answer; the browser then backs off for
-        // about 1.6 s. Holding the candidates until here avoids that race.
+        // server's candidates: a browser checks as soon as it has one, and webrtc's ICE agent
+        // drops checks that arrive before the answer, so earlier checks would be wasted.
         self.open_gate(&self.subscriber, PcKind::Subscriber);
         debug!(user = %self.user_id, "subscriber answer applied");
         self.configure_downs().await;
