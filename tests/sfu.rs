@@ -97,7 +97,7 @@ async fn three_members_exchange_media_and_data_through_the_server() {
                         && ch.texts == [format!("hello from {o} ✓")]
                         && ch.binaries == [vec![0u8, 1, 2, 255]]
                 })
-            }) && channels.len() == 4
+            }) && channels.len() == 6
         })
     })
     .await;
@@ -106,19 +106,32 @@ async fn three_members_exchange_media_and_data_through_the_server() {
         "channels seen by alice: {:?}",
         a.observed.channels.lock().unwrap()
     );
-    // Ordering is kept on the copies. (maxRetransmits and maxPacketLifeTime cannot be: webrtc
-    // 0.21.1 does not report them for a channel the remote side opened; see docs/STATUS.md.)
+    // Reliability settings are kept on the copies (this needs the rtc patch in vendor/rtc:
+    // upstream 0.21.1 reports neither limit for a channel the remote side opened).
     let copies = a.observed.channels.lock().unwrap().clone();
     let state = copies
         .iter()
         .find(|c| c.label == "state" && c.protocol == "bob")
         .expect("bob's state channel");
     assert!(!state.ordered, "an unordered channel stays unordered");
+    assert_eq!(state.max_retransmits, Some(2), "{state:?}");
+    assert_eq!(state.max_packet_life_time, None, "{state:?}");
+    let cursor = copies
+        .iter()
+        .find(|c| c.label == "cursor" && c.protocol == "bob")
+        .expect("bob's cursor channel");
+    assert!(cursor.ordered, "{cursor:?}");
+    assert_eq!(cursor.max_packet_life_time, Some(150), "{cursor:?}");
+    assert_eq!(cursor.max_retransmits, None, "{cursor:?}");
     let chat = copies
         .iter()
         .find(|c| c.label == "chat" && c.protocol == "bob")
         .unwrap();
     assert!(chat.ordered);
+    assert_eq!(
+        (chat.max_retransmits, chat.max_packet_life_time),
+        (None, None)
+    );
 
     // trackPublished reached every member for every track.
     let published = a.envelopes_of("trackPublished");

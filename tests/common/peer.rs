@@ -62,6 +62,7 @@ pub struct ReceivedChannel {
     pub protocol: String,
     pub ordered: bool,
     pub max_retransmits: Option<u16>,
+    pub max_packet_life_time: Option<u16>,
     pub texts: Vec<String>,
     pub binaries: Vec<Vec<u8>>,
 }
@@ -309,6 +310,13 @@ impl TestPeer {
                 };
                 let state = pc.create_data_channel("state", Some(lossy)).await.unwrap();
                 tokio::spawn(async move { while state.poll().await.is_some() {} });
+                // A third, ordered and timed (150 ms lifetime): copied as it is too.
+                let timed = RTCDataChannelInit {
+                    max_packet_life_time: Some(150),
+                    ..Default::default()
+                };
+                let cursor = pc.create_data_channel("cursor", Some(timed)).await.unwrap();
+                tokio::spawn(async move { while cursor.poll().await.is_some() {} });
                 let dc = pc.create_data_channel("chat", None).await.unwrap();
                 let (poll_dc, open) = (dc.clone(), chat_open.clone());
                 tokio::spawn(async move {
@@ -720,6 +728,7 @@ async fn record_channel(dc: Arc<dyn DataChannel>, observed: Arc<Observed>) {
     let protocol = dc.protocol().await.unwrap_or_default();
     let ordered = dc.ordered().await.unwrap_or(true);
     let max_retransmits = dc.max_retransmits().await.ok().flatten();
+    let max_packet_life_time = dc.max_packet_life_time().await.ok().flatten();
     {
         let mut channels = observed.channels.lock().unwrap();
         let c = &mut channels[index];
@@ -727,6 +736,7 @@ async fn record_channel(dc: Arc<dyn DataChannel>, observed: Arc<Observed>) {
         c.protocol = protocol;
         c.ordered = ordered;
         c.max_retransmits = max_retransmits;
+        c.max_packet_life_time = max_packet_life_time;
     }
     while let Some(e) = dc.poll().await {
         if let DataChannelEvent::OnMessage(m) = e {

@@ -110,6 +110,24 @@ try {
     check(`${USERS[i]} gets the chat of ${others.join(' and ')}`, got, await pages[i].evaluate(() => window.sb.chatLog));
   }
 
+  // Partially reliable channels keep their settings through the server, as Chromium reads them
+  // from the DATA_CHANNEL_OPEN the server sends.
+  await pages[0].evaluate(() => {
+    window.sb.pub.createDataChannel('cursor', { ordered: false, maxPacketLifeTime: 200 });
+    window.sb.pub.createDataChannel('lossy', { maxRetransmits: 0 });
+  });
+  for (let i = 1; i < pages.length; i++) {
+    const got = await pages[i]
+      .waitForFunction(() => {
+        const c = window.sb.channelsIn;
+        const ok = (label, want) => c.some((x) => x.label === label && x.from === 'ada' && Object.keys(want).every((k) => x[k] === want[k]));
+        return ok('cursor', { ordered: false, maxPacketLifeTime: 200, maxRetransmits: null })
+          && ok('lossy', { ordered: true, maxRetransmits: 0, maxPacketLifeTime: null });
+      }, null, { timeout: WAIT_MS })
+      .then(() => true, () => false);
+    check(`${USERS[i]} gets ada's partially reliable channels with their settings`, got, await pages[i].evaluate(() => window.sb.channelsIn));
+  }
+
   // Simulcast: dee publishes q/h/f layers; ada switches dee's video between low and high.
   const dee = await context.newPage();
   await dee.goto(`${base}/?room=e2e&name=dee&simulcast=1`);

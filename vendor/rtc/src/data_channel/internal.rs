@@ -162,10 +162,20 @@ impl RTCDataChannelInternal {
 
         let data_channel_config = data_channel.config();
 
-        let (unordered, _reliability_type) =
+        let (unordered, reliability_type) =
             ::datachannel::data_channel::DataChannel::get_reliability_params(
                 data_channel_config.channel_type,
             );
+        // switchboard patch: report the partial reliability the peer asked for in its
+        // DATA_CHANNEL_OPEN (RFC 8832 section 5.1) instead of dropping it. The parameter is a
+        // u32 on the wire and a u16 in the W3C API; larger values saturate.
+        let reliability_parameter =
+            u16::try_from(data_channel_config.reliability_parameter).unwrap_or(u16::MAX);
+        let (max_retransmits, max_packet_life_time) = match reliability_type {
+            ::sctp::ReliabilityType::Rexmit => (Some(reliability_parameter), None),
+            ::sctp::ReliabilityType::Timed => (None, Some(reliability_parameter)),
+            _ => (None, None),
+        };
 
         // `negotiated: None` — the peer opened this channel in-band over DCEP, so it is not an
         // out-of-band channel however well-known its stream id now is. The stream id is set
@@ -174,8 +184,8 @@ impl RTCDataChannelInternal {
             label: data_channel_config.label.clone(),
             protocol: data_channel_config.protocol.clone(),
             ordered: !unordered,
-            max_packet_life_time: None,
-            max_retransmits: None,
+            max_packet_life_time,
+            max_retransmits,
             negotiated: None,
         });
         // Known from the wire: no deferral needed, and it must be registered so locally
