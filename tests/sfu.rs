@@ -160,11 +160,12 @@ async fn a_late_joiner_gets_everything_and_leaving_removes_it_everywhere() {
         a.summary()
     );
 
-    // A late joiner that only receives: everything already published, and the channels.
+    // A late joiner that only receives: everything already published, and the channels (three
+    // each from alice and bob).
     let d = TestPeer::join(addr, "dave", "R", 4, false).await;
     let late = eventually(MEDIA_WAIT, || {
         receives_exactly(&d, &[("alice", 1), ("bob", 2)])
-            && d.observed.channels.lock().unwrap().len() == 4
+            && d.observed.channels.lock().unwrap().len() == 6
     })
     .await;
     assert!(late, "{}", d.summary());
