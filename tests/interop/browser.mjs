@@ -1,5 +1,7 @@
 // End to end in headless Chromium: three users open the demo page with fake camera and
-// microphone; each must decode video from both others and get both others' chat messages.
+// microphone; each must decode and show video from both others (the fake camera's green picture),
+// hear both (decoded audio energy), and get both others' chat messages; channel reliability
+// settings, simulcast layer switches and connection set-up times are checked too.
 // Run it inside a network namespace with only loopback (tests/browser.rs does:
 //   unshare -n sh -c 'ip link set lo up && exec node browser.mjs SERVER_BINARY').
 // Prints one line per check and "N passed, N failed"; exits non-zero on failure.
@@ -86,6 +88,50 @@ try {
   USERS.forEach((u, i) => {
     const others = USERS.filter((x) => x !== u);
     check(`${u} decodes video from ${others.join(' and ')}`, others.every((o) => (frames[i][o] || 0) > 0), frames[i]);
+  });
+
+  // ...and shows it: each other member's tile plays, and its picture is the publisher's (Chromium's
+  // fake camera paints a green frame; a tile that never starts, or shows garbage, fails here).
+  const tilesSeen = () => [...window.sb.tiles].filter(([u]) => u !== window.sb.me).map(([u, t]) => {
+    const c = document.createElement('canvas'); c.width = 64; c.height = 48;
+    const g = c.getContext('2d'); g.drawImage(t.video, 0, 0, 64, 48);
+    const d = g.getImageData(0, 0, 64, 48).data; const rgb = [0, 0, 0];
+    for (let k = 0; k < d.length; k += 4) for (let j = 0; j < 3; j++) rgb[j] += d[k + j] / (d.length / 4);
+    const green = rgb[1] > 100 && rgb[0] < 60 && rgb[2] < 60;
+    return { u, playing: t.video.videoWidth > 0 && !t.video.paused && t.video.currentTime > 0, green, rgb: rgb.map(Math.round) };
+  });
+  for (let i = 0; i < pages.length; i++) {
+    const others = USERS.filter((u) => u !== USERS[i]);
+    const shown = await pages[i]
+      .waitForFunction(([others, seen]) => {
+        const tiles = (0, eval)(seen)();
+        return others.every((o) => tiles.some((t) => t.u === o && t.playing && t.green));
+      }, [others, `(${tilesSeen})`], { timeout: WAIT_MS })
+      .then(() => true, () => false);
+    check(`${USERS[i]} shows the video of ${others.join(' and ')}`, shown, await pages[i].evaluate(tilesSeen));
+  }
+
+  // Audio: each other member's microphone is heard (Chromium's fake microphone beeps, so the
+  // decoded audio has energy; silence or concealment alone would not).
+  const heard = (page) =>
+    page.evaluate(async () => {
+      const owners = {};
+      for (const [user, t] of window.sb.tiles) for (const tr of t.stream.getAudioTracks()) owners[tr.id] = user;
+      const out = {};
+      (await window.sb.sub.getStats()).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'audio' && owners[s.trackIdentifier]) out[owners[s.trackIdentifier]] = s.totalAudioEnergy || 0;
+      });
+      return out;
+    });
+  const LOUD = 0.01; // totalAudioEnergy after a beep or two; a silent stream stays near 0
+  let energy = [];
+  for (const until = Date.now() + WAIT_MS; Date.now() < until; await sleep(250)) {
+    energy = await Promise.all(pages.map(heard));
+    if (energy.every((e, i) => USERS.filter((u) => u !== USERS[i]).every((u) => (e[u] || 0) > LOUD))) break;
+  }
+  USERS.forEach((u, i) => {
+    const others = USERS.filter((x) => x !== u);
+    check(`${u} hears ${others.join(' and ')}`, others.every((o) => (energy[i][o] || 0) > LOUD), energy[i]);
   });
 
   if (process.env.SCREENSHOT) await pages[0].screenshot({ path: process.env.SCREENSHOT });
