@@ -32,7 +32,7 @@ fn three_browsers_see_each_other_and_chat_through_the_demo_page() {
     println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "browser checks failed:\n{stdout}");
     assert!(
-        stdout.lines().any(|l| l == "20 passed, 0 failed"),
+        stdout.lines().any(|l| l == "21 passed, 0 failed"),
         "{stdout}"
     );
 }

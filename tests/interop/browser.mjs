@@ -217,6 +217,21 @@ try {
     check('setQuality high switches dee back up', high.ok, high.v);
   }
 
+  // A viewer without camera or microphone: its publisher connection carries only the chat
+  // channel, and it still sees everyone.
+  const eve = await context.newPage();
+  await eve.addInitScript(() => {
+    navigator.mediaDevices.getUserMedia = () => Promise.reject(new DOMException('denied', 'NotAllowedError'));
+  });
+  await eve.goto(`${base}/?room=e2e&name=eve`);
+  const eveSees = await eve
+    .waitForFunction(([others, seen]) => {
+      const tiles = (0, eval)(seen)();
+      return others.every((o) => tiles.some((t) => t.u === o && t.playing && t.green));
+    }, [[...USERS, 'dee'], `(${tilesSeen})`], { timeout: WAIT_MS })
+    .then(() => true, () => false);
+  check('a viewer without camera or microphone sees everyone', eveSees, await eve.evaluate(tilesSeen));
+
   // Connection set-up: each connection is up within 300 ms of the browser's offer or answer.
   for (let i = 0; i < pages.length; i++) {
     const t = await pages[i].evaluate(() => window.sb.timings);
