@@ -688,3 +688,42 @@ async fn a_member_whose_connections_die_is_removed_everywhere() {
     drop(a);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mdns_candidate_is_ignored_without_an_error() {
+    // Browsers hide private host addresses behind `.local` names; mDNS is off on the server, so
+    // such a candidate is dropped quietly and the connection carries on.
+    let server = start().await;
+    let addr = server.local_addr();
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
+        "{}",
+        b.summary()
+    );
+    for pc in ["publisher", "subscriber"] {
+        a.emit(
+            "candidate",
+            serde_json::json!({"targetUid": "sfu", "pc": pc, "candidate": {
+                "candidate": "candidate:1 1 udp 2122260223 4f1c2a9e-0b7d-4c55-9a51-5d0e8f1b2c3d.local 50000 typ host generation 0",
+                "sdpMid": "0", "sdpMLineIndex": 0}}),
+        );
+    }
+    let packets = || {
+        b.tracks_from("alice")
+            .iter()
+            .map(|t| t.packets)
+            .sum::<u64>()
+    };
+    let before = packets();
+    assert!(
+        eventually(MEDIA_WAIT, || packets() > before + 50).await,
+        "alice's media keeps flowing: {}",
+        b.summary()
+    );
+    assert_eq!(a.envelopes_of("error"), Vec::<serde_json::Value>::new());
+    a.close().await;
+    b.close().await;
+    server.shutdown().await;
+}
