@@ -107,10 +107,14 @@ impl<S> TrackForwarder<S> {
         self.downs.iter().find(|d| d.config.id == id)
     }
 
-    /// Applies a renegotiated payload type or extension mapping.
+    /// Applies a renegotiated payload type and extension mapping; the subscriber's layer choice
+    /// is `set_quality`'s alone, so a renegotiation never undoes it.
     pub fn configure_down_track(&mut self, config: DownTrackConfig) {
         if let Some(d) = self.downs.iter_mut().find(|d| d.config.id == config.id) {
-            d.config = config;
+            d.config = DownTrackConfig {
+                quality: d.config.quality,
+                ..config
+            };
         }
     }
 

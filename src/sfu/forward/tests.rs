@@ -491,3 +491,25 @@ fn a_long_stream_keeps_flowing_past_the_sequence_number_half_range() {
     );
     assert_eq!(f.down_track(1).unwrap().stats.stale, 0);
 }
+
+#[test]
+fn a_renegotiation_keeps_the_subscribers_layer_choice() {
+    let mut f = TrackForwarder::new(Codec::Vp8);
+    f.add_layer(100, Some("q"));
+    f.add_layer(300, Some("f"));
+    f.add_down_track(down(1, 96), 1);
+    f.set_quality(1, Quality::Low);
+    // A later answer re-applies payload type and extension ids from a config that still says
+    // the default (high); the subscriber asked for low and keeps it.
+    f.configure_down_track(down(1, 97));
+    let t0 = Instant::now();
+    let mut sent = Sent::new();
+    run(&mut f, &pkt(100, 20, 1000, VP8_KEY), t0, &mut sent);
+    run(&mut f, &pkt(300, 10, 1000, VP8_KEY), t0, &mut sent);
+    assert_eq!(sent.len(), 1, "only the low layer is forwarded");
+    assert_eq!(
+        sent[0].1.payload_type, 97,
+        "the renegotiated payload type applies"
+    );
+    assert_eq!(f.down_track(1).unwrap().config.quality, Quality::Low);
+}
