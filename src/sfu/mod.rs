@@ -368,6 +368,8 @@ impl Sfu {
     ) -> Result<(), SfuError> {
         let member = self.session_member(user_id, session, PcKind::Subscriber)?;
         let t = self.published(&member.room_id, track_id)?;
+        // Serialized with add_down, which reads the choice before its down-track is listed.
+        let _ops = member.track_ops.lock().await;
         member
             .quality
             .lock()
@@ -418,6 +420,10 @@ impl Sfu {
         };
         let Some(member) = member else { return };
         member.close().await;
+        // Wait for an add_down or channel copy in progress (they hold `track_ops`); later ones
+        // see the member closed. So nothing is added after the clean-up below. (This member is
+        // no longer in `members`, so nothing below takes its `track_ops` again.)
+        let _ops = member.track_ops.lock().await;
         let (tracks, channels) = {
             let mut s = self.state.lock().unwrap();
             let tracks: Vec<_> = s
@@ -456,6 +462,11 @@ impl Sfu {
         for (user, session) in members {
             self.leave(&user, &session).await;
         }
+    }
+
+    fn is_published(&self, t: &Arc<Published>) -> bool {
+        let s = self.state.lock().unwrap();
+        s.tracks.iter().any(|x| Arc::ptr_eq(x, t))
     }
 
     async fn unpublish(&self, t: &Arc<Published>) {
@@ -592,7 +603,12 @@ impl Sfu {
     async fn add_down(&self, member: &Arc<Member>, t: &Arc<Published>) {
         debug!(user = %member.user_id, track = %t.track_id, "adding a down-track");
         let ops = member.track_ops.lock().await;
-        if member.closed.load(Ordering::SeqCst) || member.has_down(&t.owner, &t.track_id) {
+        // Checked under `track_ops`: an unpublish that has already removed the track waits for
+        // this lock before removing down-tracks, so a copy added after it would be orphaned.
+        if member.closed.load(Ordering::SeqCst)
+            || member.has_down(&t.owner, &t.track_id)
+            || !self.is_published(t)
+        {
             return;
         }
         let ssrc = random_ssrc();
