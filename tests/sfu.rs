@@ -727,3 +727,81 @@ async fn an_mdns_candidate_is_ignored_without_an_error() {
     b.close().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_are_limited_in_size_and_number() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
+        "{}",
+        b.summary()
+    );
+    let candidate = |port: u32, pad: usize| {
+        serde_json::json!({"targetUid": "sfu", "pc": "publisher", "candidate": {
+            "candidate": format!("candidate:{port} 1 udp 2122260223 127.0.0.1 {port} typ host{}", " ".repeat(pad)),
+            "sdpMid": "0", "sdpMLineIndex": 0}})
+    };
+    a.emit("candidate", candidate(40000, 2000));
+    for port in 40001..40071 {
+        a.emit("candidate", candidate(port, 0));
+    }
+    let refused = |why: &str| {
+        a.envelopes_of("error")
+            .iter()
+            .filter(|e| e["msg"].as_str().unwrap_or("").contains(why))
+            .count()
+    };
+    assert!(
+        eventually(MEDIA_WAIT, || refused("more than 64") > 0).await,
+        "{:?}",
+        a.envelopes_of("error")
+    );
+    assert_eq!(refused("longer than 1024 bytes"), 1);
+    // The client's own candidates were among the first; media keeps flowing.
+    let packets = || {
+        b.tracks_from("alice")
+            .iter()
+            .map(|t| t.packets)
+            .sum::<u64>()
+    };
+    let before = packets();
+    assert!(eventually(MEDIA_WAIT, || packets() > before + 50).await);
+    a.close().await;
+    b.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offer_that_fails_part_way_does_not_block_the_next_one() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut c = common::join(addr, "carol", Some("R")).await;
+    let good = common::peer::sample_offer().await;
+    // Parses, but its media section has no mid: webrtc fails after entering have-remote-offer.
+    let bad: String = good
+        .lines()
+        .filter(|l| !l.starts_with("a=mid:"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    let offer = |sdp: &str| serde_json::json!({"targetUid": "sfu", "pc": "publisher", "sdp": {"type": "offer", "sdp": sdp}});
+    c.emit("offer", &offer(&bad)).unwrap();
+    let refused = c
+        .recv_msg_type("error", MEDIA_WAIT)
+        .await
+        .expect("an error");
+    assert_eq!(refused["status"], 400, "{refused}");
+    c.emit("offer", &offer(&good)).unwrap();
+    let answer = c.recv_msg_type("answer", MEDIA_WAIT).await;
+    assert!(
+        answer.as_ref().is_ok_and(|a| a["data"]["fromUid"] == "sfu"
+            && a["data"]["sdp"]["sdp"]
+                .as_str()
+                .unwrap_or("")
+                .contains("a=mid:")),
+        "{answer:?}"
+    );
+    server.shutdown().await;
+}

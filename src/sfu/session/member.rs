@@ -24,6 +24,9 @@ pub const COALESCE: Duration = Duration::from_millis(50);
 pub const COALESCE_MAX: Duration = Duration::from_millis(300);
 /// An offer without an answer for this long is given up (the next change offers again).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A subscriber offer that could not be made is tried again this often, this many times.
+const OFFER_RETRY_DELAY: Duration = Duration::from_secs(1);
+const OFFER_RETRIES: u32 = 3;
 
 /// One forwarded track on this member's subscriber connection.
 #[derive(Clone)]
@@ -54,7 +57,14 @@ struct CandidateGate {
 struct RemoteCandidates {
     ready: bool,
     held: Vec<RTCIceCandidateInit>,
+    /// Candidates accepted on this connection so far (held or given to the ICE agent).
+    accepted: usize,
 }
+
+/// A browser gathers a handful of candidates per connection; the limits keep a client from
+/// growing server memory or making the server send checks to an arbitrary number of addresses.
+const MAX_REMOTE_CANDIDATES: usize = 64;
+const MAX_CANDIDATE_LEN: usize = 1024;
 
 pub struct Leg {
     pub pc: Arc<dyn PeerConnection>,
@@ -229,7 +239,18 @@ impl Member {
             username_fragment: c.username_fragment,
             url: None,
         };
+        if init.candidate.len() > MAX_CANDIDATE_LEN {
+            return Err(SfuError::BadCandidate(format!(
+                "longer than {MAX_CANDIDATE_LEN} bytes"
+            )));
+        }
         let mut remote = leg.remote.lock().await;
+        if remote.accepted >= MAX_REMOTE_CANDIDATES {
+            return Err(SfuError::BadCandidate(format!(
+                "more than {MAX_REMOTE_CANDIDATES} on one connection"
+            )));
+        }
+        remote.accepted += 1;
         if !remote.ready {
             remote.held.push(init);
             return Ok(());
@@ -250,8 +271,22 @@ impl Member {
         }
     }
 
-    /// The client's publisher offer: apply it and send the answer.
+    /// The client's publisher offer: apply it and send the answer. An offer that fails part-way
+    /// is rolled back (webrtc has already entered have-remote-offer by then), so the client's
+    /// next offer is not refused.
     pub async fn publisher_offer(&self, leg: &Leg, sdp: String) -> Result<(), SfuError> {
+        let result = self.answer_publisher_offer(leg, sdp).await;
+        if result.is_err()
+            && leg.pc.pending_remote_description().await.is_some()
+            && let Ok(rollback) = RTCSessionDescription::rollback(None)
+            && let Err(e) = leg.pc.set_remote_description(rollback).await
+        {
+            warn!(user = %self.user_id, "cannot roll back a failed offer: {e}");
+        }
+        result
+    }
+
+    async fn answer_publisher_offer(&self, leg: &Leg, sdp: String) -> Result<(), SfuError> {
         let offer =
             RTCSessionDescription::offer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         leg.pc
@@ -285,11 +320,21 @@ impl Member {
             RTCSessionDescription::answer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         {
             let _ops = self.sub_ops.lock().await;
-            self.subscriber
-                .pc
-                .set_remote_description(answer)
-                .await
-                .map_err(|e| SfuError::BadSdp(e.to_string()))?;
+            if let Err(e) = self.subscriber.pc.set_remote_description(answer).await {
+                if self
+                    .subscriber
+                    .pc
+                    .pending_local_description()
+                    .await
+                    .is_none()
+                {
+                    // webrtc took the answer as far as `stable` before failing: this offer is
+                    // done but its down-tracks are not configured, so make a new one.
+                    self.answered.notify_one();
+                    self.renegotiate();
+                }
+                return Err(SfuError::BadSdp(e.to_string()));
+            }
         }
         Self::remote_description_set(&self.subscriber).await;
         // Now that the server knows the client's ICE credentials, let the client have the
@@ -351,6 +396,7 @@ impl Member {
 
     /// The subscriber's negotiation loop: one offer at a time, changes coalesced.
     pub async fn negotiate_loop(self: Arc<Self>) {
+        let mut failures = 0u32;
         loop {
             self.negotiate.notified().await;
             let deadline = tokio::time::Instant::now() + COALESCE_MAX;
@@ -373,14 +419,42 @@ impl Member {
             };
             match offered {
                 Ok(()) => {
-                    if tokio::time::timeout(ANSWER_TIMEOUT, self.answered.notified())
+                    failures = 0;
+                    if tokio::time::timeout(ANSWER_TIMEOUT, self.answer_applied())
                         .await
                         .is_err()
                     {
                         warn!(user = %self.user_id, "no answer to the subscriber offer");
                     }
                 }
-                Err(e) => warn!(user = %self.user_id, "subscriber offer failed: {e}"),
+                Err(e) => {
+                    warn!(user = %self.user_id, "subscriber offer failed: {e}");
+                    // The change is still to be offered: try again a few times.
+                    failures += 1;
+                    if failures <= OFFER_RETRIES {
+                        tokio::time::sleep(OFFER_RETRY_DELAY).await;
+                        self.renegotiate();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Until the outstanding subscriber offer has its answer (the connection is `stable` again),
+    /// or the member is gone. The state decides, not the notification alone: a late answer to an
+    /// offer that timed out leaves a stored notification behind.
+    async fn answer_applied(&self) {
+        loop {
+            self.answered.notified().await;
+            if self.closed.load(Ordering::SeqCst)
+                || self
+                    .subscriber
+                    .pc
+                    .pending_local_description()
+                    .await
+                    .is_none()
+            {
+                return;
             }
         }
     }
