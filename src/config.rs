@@ -74,6 +74,7 @@ pub struct MediaConfig {
     pub ice_servers: Vec<IceServer>,
     pub ice_disconnected_ms: u64,
     pub ice_failed_ms: u64,
+    pub data_channel_buffer_bytes: usize,
 }
 
 impl MediaConfig {
@@ -186,6 +187,7 @@ mod tests {
         assert_eq!(c.media.ip.to_string(), "127.0.0.1");
         assert_eq!((c.media.public_ip(), c.media.udp_ports()), (None, None));
         assert!(c.media.ice_servers.is_empty());
+        assert_eq!(c.media.data_channel_buffer_bytes, 16 << 20);
     }
 
     #[test]

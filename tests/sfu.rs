@@ -805,3 +805,81 @@ async fn an_offer_that_fails_part_way_does_not_block_the_next_one() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_subscriber_misses_data_messages_instead_of_growing_memory() {
+    let mut config = common::test_config();
+    config.media.data_channel_buffer_bytes = 64 * 1024;
+    let server = switchboard::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    // Bob's peer connections live on their own runtime, which stops: his SCTP acknowledges
+    // nothing from then on, as a subscriber on a dead link would.
+    let media = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lagging = Options {
+        publish: false,
+        chat: false,
+        hold_media: None,
+        shape: Default::default(),
+        accept_video: None,
+        media_runtime: Some(media.handle().clone()),
+    };
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
+    let b = TestPeer::join_with(addr, "bob", "R", 2, lagging).await;
+    let c = TestPeer::join(addr, "carol", "R", 3, false).await;
+    let alice_chat_binaries = |p: &TestPeer| {
+        p.observed
+            .channels
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|ch| ch.label == "chat" && ch.protocol == "alice")
+            .map(|ch| ch.binaries.len())
+    };
+    let chat = a.chat.clone().unwrap();
+    assert!(
+        eventually(MEDIA_WAIT, || a
+            .chat_open
+            .load(std::sync::atomic::Ordering::SeqCst)
+            && alice_chat_binaries(&b).is_some()
+            && alice_chat_binaries(&c).is_some())
+        .await
+    );
+    chat.send(BytesMut::from(&b"ping"[..])).await.unwrap();
+    assert!(
+        eventually(MEDIA_WAIT, || alice_chat_binaries(&b) == Some(1)
+            && alice_chat_binaries(&c) == Some(1))
+        .await,
+        "both get alice's chat"
+    );
+    media.shutdown_background();
+
+    // 256 KiB, paced so that carol keeps up, through a 64 KiB budget for bob: carol gets all
+    // of it, bob's copy fills up and the rest of his share is dropped.
+    const MESSAGES: usize = 32;
+    for i in 0..MESSAGES {
+        chat.send(BytesMut::from(&vec![i as u8; 8 * 1024][..]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        eventually(MEDIA_WAIT, || alice_chat_binaries(&c) == Some(1 + MESSAGES)).await,
+        "carol got {:?} of {MESSAGES}",
+        alice_chat_binaries(&c)
+    );
+    let health: serde_json::Value =
+        serde_json::from_str(&http_get(&format!("http://{addr}/healthz")).await).unwrap();
+    let dropped = health["dataMessagesDropped"].as_u64().unwrap();
+    assert!(
+        dropped > 0 && dropped < MESSAGES as u64,
+        "bob's copy holds at most 64 KiB, the rest is dropped: {health}"
+    );
+    a.close().await;
+    c.close().await;
+    drop(b);
+    server.shutdown().await;
+}

@@ -53,6 +53,7 @@ async fn healthz(State(http): State<Http>) -> Json<Value> {
         "node": signal.node_id,
         "connections": signal.outbox.rooms.local_count(),
         "mediaSessions": signal.sfu.member_count(),
+        "dataMessagesDropped": signal.sfu.data_messages_dropped(),
         "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
     }))
 }

@@ -72,6 +72,8 @@ pub struct Sfu {
     /// (socket.io runs handlers concurrently) must not create two sessions.
     joins: tokio::sync::Mutex<()>,
     is_current: SessionCheck,
+    /// Data-channel messages not relayed to a subscriber whose channel was full.
+    data_messages_dropped: AtomicU64,
 }
 
 /// Whether (user, session) is the user's current signaling connection.
@@ -97,6 +99,7 @@ impl Sfu {
             next_id: AtomicU64::new(1),
             joins: tokio::sync::Mutex::new(()),
             is_current,
+            data_messages_dropped: AtomicU64::new(0),
         })
     }
 
@@ -124,6 +127,11 @@ impl Sfu {
     /// Number of members with media sessions (for health and tests).
     pub fn member_count(&self) -> usize {
         self.state.lock().unwrap().members.len()
+    }
+
+    /// Data-channel messages a lagging subscriber missed (for health and tests).
+    pub fn data_messages_dropped(&self) -> u64 {
+        self.data_messages_dropped.load(Ordering::Relaxed)
     }
 
     /// Enters SFU mode (event `call` to `sfu`, or the first publisher offer): creates the
@@ -717,7 +725,10 @@ impl Sfu {
                 self.add_channel_copy(&m, &source).await;
             }
         }
-        source.clone().relay(channel).await;
+        source
+            .clone()
+            .relay(channel, &self.data_messages_dropped)
+            .await;
         self.state
             .lock()
             .unwrap()

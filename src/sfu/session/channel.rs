@@ -2,10 +2,11 @@
 //! member as a channel of the same label on their subscriber connection, with the sender's userId
 //! as `protocol` and the same reliability settings; messages pass byte for byte.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use tracing::debug;
+use tracing::{debug, warn};
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 
 /// A publisher's channel and its copies on the other members' subscriber connections.
@@ -76,7 +77,9 @@ impl ChannelSource {
     }
 
     /// Relays the publisher's messages until its channel closes; then closes every copy.
-    pub async fn relay(self: Arc<Self>, channel: Arc<dyn DataChannel>) {
+    /// A copy whose send buffer is full (its subscriber lags) misses the message, counted in
+    /// `dropped`: waiting would hold every other copy back, queuing would grow without bound.
+    pub async fn relay(self: Arc<Self>, channel: Arc<dyn DataChannel>, dropped: &AtomicU64) {
         while let Some(event) = channel.poll().await {
             match event {
                 DataChannelEvent::OnMessage(message) => {
@@ -90,15 +93,21 @@ impl ChannelSource {
                     for target in targets {
                         let sent = if message.is_string {
                             match std::str::from_utf8(&message.data) {
-                                Ok(text) => target.send_text(text).await,
-                                Err(_) => target.send(message.data.clone()).await,
+                                Ok(text) => target.try_send_text(text).await,
+                                Err(_) => target.try_send(message.data.clone()).await,
                             }
                         } else {
-                            target.send(BytesMut::from(&message.data[..])).await
+                            target.try_send(BytesMut::from(&message.data[..])).await
                         };
-                        if let Err(e) = sent {
+                        match sent {
+                            Ok(()) => {}
+                            Err(webrtc::error::Error::ErrSendBufferFull) => {
+                                if dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                                    warn!(label = %self.label, "a subscriber's data channel is full: messages to it are dropped");
+                                }
+                            }
                             // Not open yet, or closing: that member misses this message.
-                            debug!(label = %self.label, "data channel relay: {e}");
+                            Err(e) => debug!(label = %self.label, "data channel relay: {e}"),
                         }
                     }
                 }

@@ -262,6 +262,8 @@ impl PeerFactory {
                 .with_interceptor_registry(registry)
                 .with_handler(handler.clone())
                 .with_udp_addrs(vec![addr])
+                // Bounded: relayed channels use try_send and drop for a subscriber that lags.
+                .with_data_channel_send_buffer_limit(self.config.data_channel_buffer_bytes)
                 .build()
                 .await;
             match built {
