@@ -533,8 +533,15 @@ impl Sfu {
                     let member = member.clone();
                     tokio::spawn(async move { sfu.on_channel(&member, channel).await });
                 }
-                PeerEvent::Track(_) | PeerEvent::DataChannel(_) => {
-                    debug!(user = %member.user_id, "ignoring media sent on the subscriber connection")
+                // Media or a channel sent on the subscriber connection is not relayed; it is
+                // read and discarded, or webrtc logs every packet its full queue drops.
+                PeerEvent::Track(remote) => {
+                    debug!(user = %member.user_id, "ignoring a track sent on the subscriber connection");
+                    tokio::spawn(async move { while remote.poll().await.is_some() {} });
+                }
+                PeerEvent::DataChannel(channel) => {
+                    debug!(user = %member.user_id, "ignoring a channel opened on the subscriber connection");
+                    tokio::spawn(async move { while channel.poll().await.is_some() {} });
                 }
             }
         }
