@@ -71,6 +71,7 @@ async fn main() {
         },
         accept_video: None,
         media_runtime: None,
+        track_ids_of: None,
     };
     let publisher = TestPeer::join_with(addr, "pub", "load", 1, options).await;
     let mut subs = Vec::new();

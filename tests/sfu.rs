@@ -366,6 +366,7 @@ async fn members_joining_together_cost_each_subscriber_one_offer() {
         shape: Default::default(),
         accept_video: None,
         media_runtime: None,
+        track_ids_of: None,
     };
     let (x, y, z) = tokio::join!(
         TestPeer::join_with(addr, "x", "R", 1, held()),
@@ -500,6 +501,7 @@ async fn rtcp_feedback_flows_through_webrtcs_interceptors() {
         },
         accept_video: None,
         media_runtime: None,
+        track_ids_of: None,
     };
     let a = TestPeer::join_with(addr, "alice", "R", 1, lossy).await;
     let b = TestPeer::join(addr, "bob", "R", 2, false).await;
@@ -568,6 +570,7 @@ async fn a_subscriber_gets_a_track_only_in_a_codec_its_answer_accepts() {
         shape: Default::default(),
         accept_video: Some(vec!["video/H264"]),
         media_runtime: None,
+        track_ids_of: None,
     };
     let b = TestPeer::join_with(addr, "bob", "R", 2, h264_only).await;
     let c = TestPeer::join(addr, "carol", "R", 3, false).await;
@@ -654,6 +657,7 @@ async fn a_member_whose_connections_die_is_removed_everywhere() {
         shape: Default::default(),
         accept_video: None,
         media_runtime: Some(media.handle().clone()),
+        track_ids_of: None,
     };
     let a = TestPeer::join_with(addr, "alice", "R", 1, doomed).await;
     let b = TestPeer::join(addr, "bob", "R", 2, false).await;
@@ -826,6 +830,7 @@ async fn a_lagging_subscriber_misses_data_messages_instead_of_growing_memory() {
         shape: Default::default(),
         accept_video: None,
         media_runtime: Some(media.handle().clone()),
+        track_ids_of: None,
     };
     let a = TestPeer::join(addr, "alice", "R", 1, true).await;
     let b = TestPeer::join_with(addr, "bob", "R", 2, lagging).await;
@@ -881,5 +886,52 @@ async fn a_lagging_subscriber_misses_data_messages_instead_of_growing_memory() {
     a.close().await;
     c.close().await;
     drop(b);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_track_id_another_member_publishes_is_refused() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
+        "{}",
+        b.summary()
+    );
+    // Mallory publishes tracks with alice's ids.
+    let copycat = Options {
+        publish: true,
+        chat: false,
+        hold_media: None,
+        shape: Default::default(),
+        accept_video: None,
+        media_runtime: None,
+        track_ids_of: Some("alice".into()),
+    };
+    let m = TestPeer::join_with(addr, "mallory", "R", 3, copycat).await;
+    let refused = eventually(MEDIA_WAIT, || {
+        m.envelopes_of("error")
+            .iter()
+            .filter(|e| e["status"] == 409 && e["data"]["event"] == "offer")
+            .count()
+            == 2
+    })
+    .await;
+    assert!(refused, "{:?}", m.envelopes_of("error"));
+    // Bob still gets exactly alice's two tracks, and nothing from mallory; alice is unaffected.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(receives_exactly(&b, &[("alice", 1)]), "{}", b.summary());
+    assert!(b.tracks_from("mallory").is_empty(), "{}", b.summary());
+    assert!(
+        !b.envelopes_of("trackPublished")
+            .iter()
+            .any(|e| e["data"]["userId"] == "mallory"),
+        "no trackPublished for the refused tracks"
+    );
+    a.close().await;
+    b.close().await;
+    m.close().await;
     server.shutdown().await;
 }

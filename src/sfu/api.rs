@@ -71,6 +71,12 @@ pub enum SfuEvent {
         room_id: String,
         track: TrackInfo,
     },
+    /// A track the member sent that is not forwarded, and why (an error envelope for `offer`).
+    TrackRefused {
+        user_id: String,
+        session: String,
+        error: SfuError,
+    },
     TrackUnpublished {
         room_id: String,
         track: TrackInfo,
@@ -93,6 +99,8 @@ pub enum SfuError {
     UnknownTrack(String),
     #[error("track {0} is not yours")]
     NotYourTrack(String),
+    #[error("track id {0} is already published by another member of the room; not forwarded")]
+    TrackIdInUse(String),
     #[error("media setup failed: {0}")]
     Internal(String),
 }

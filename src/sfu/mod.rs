@@ -472,6 +472,13 @@ impl Sfu {
         }
     }
 
+    fn track_id_taken(&self, room_id: &str, track_id: &str, owner: &str) -> bool {
+        let s = self.state.lock().unwrap();
+        s.tracks
+            .iter()
+            .any(|t| t.room_id == room_id && t.track_id == track_id && t.owner != owner)
+    }
+
     fn is_published(&self, t: &Arc<Published>) -> bool {
         let s = self.state.lock().unwrap();
         s.tracks.iter().any(|x| Arc::ptr_eq(x, t))
@@ -571,6 +578,18 @@ impl Sfu {
             .filter(|t| t.owner == member.user_id);
         if let Some(t) = existing {
             let _ = t.commands.send(TrackCommand::Source(remote));
+            return;
+        }
+        // Subscribers tell tracks apart by id (webrtc even routes a sent track's RTCP by it), so
+        // an id another member of the room already publishes is refused.
+        if self.track_id_taken(&member.room_id, &track_id, &member.user_id) {
+            warn!(user = %member.user_id, track = %track_id, "track id in use in the room: not forwarded");
+            let _ = self.events.send(SfuEvent::TrackRefused {
+                user_id: member.user_id.clone(),
+                session: member.session.clone(),
+                error: SfuError::TrackIdInUse(track_id),
+            });
+            tokio::spawn(async move { while remote.poll().await.is_some() {} });
             return;
         }
         let offer = member.publisher_sdp.lock().unwrap().clone();

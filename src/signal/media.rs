@@ -73,7 +73,7 @@ fn refusal(e: SfuError) -> Refusal {
         SfuError::BadSdp(_) | SfuError::BadCandidate(_) => 400,
         SfuError::NotYourTrack(_) => 403,
         SfuError::UnknownTrack(_) => 404,
-        SfuError::NoConnection(_) => 409,
+        SfuError::NoConnection(_) | SfuError::TrackIdInUse(_) => 409,
         SfuError::Internal(_) => 500,
     };
     Refusal::Media {
@@ -256,6 +256,11 @@ pub fn delivery(event: SfuEvent) -> Delivery {
                 Envelope::ok("trackPublished", "track published", json!(track)),
             )
         }
+        SfuEvent::TrackRefused {
+            user_id,
+            session,
+            error,
+        } => Delivery::Session(user_id, session, refusal(error).envelope("offer")),
         SfuEvent::TrackUnpublished { room_id, track } => Delivery::Room(
             room_id,
             Envelope::ok("trackUnpublished", "track unpublished", json!(track)),

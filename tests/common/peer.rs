@@ -106,6 +106,8 @@ pub struct Options {
     /// Run the peer connections on this runtime; shutting it down kills them without a goodbye
     /// while signaling goes on (a network failure).
     pub media_runtime: Option<tokio::runtime::Handle>,
+    /// Name the published tracks after this user instead (`<name>-audio`, `<name>-video`).
+    pub track_ids_of: Option<String>,
 }
 
 /// How much video a publisher sends: `video_burst` packets per frame at 30 frames/s, each with
@@ -225,6 +227,7 @@ impl TestPeer {
             shape: MediaShape::default(),
             accept_video: None,
             media_runtime: None,
+            track_ids_of: None,
         };
         Self::join_with(addr, user, room, user_index, options).await
     }
@@ -243,6 +246,7 @@ impl TestPeer {
             shape,
             accept_video,
             media_runtime,
+            track_ids_of,
         } = options;
         let client = Client::connect(addr, &query(user, Some(room)))
             .await
@@ -254,8 +258,9 @@ impl TestPeer {
         let (out_tx, out_rx) = mpsc::unbounded_channel::<(String, Value)>();
         let subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Arc::default();
         let running = Arc::new(AtomicBool::new(true));
-        let audio_id = format!("{user}-audio");
-        let video_id = format!("{user}-video");
+        let ids_of = track_ids_of.as_deref().unwrap_or(user);
+        let audio_id = format!("{ids_of}-audio");
+        let video_id = format!("{ids_of}-video");
 
         // Publisher candidates go to the sfu.
         {
