@@ -598,14 +598,21 @@ impl Sfu {
             .filter(|(uri, _)| FORWARDED_EXTENSIONS.contains(&uri.as_str()))
             .collect();
         let (commands, rx) = mpsc::unbounded_channel();
-        tokio::spawn(track_task::run(track_id.clone(), forward_codec, remote, rx));
+        let simulcast = session::sdp::simulcast_rids(&offer, &track_id);
+        tokio::spawn(track_task::run(
+            track_id.clone(),
+            forward_codec,
+            simulcast.clone(),
+            remote,
+            rx,
+        ));
         let published = Arc::new(Published {
             owner: member.user_id.clone(),
             room_id: member.room_id.clone(),
             track_id: track_id.clone(),
             kind,
             codec,
-            simulcast: session::sdp::simulcast_rids(&offer, &track_id),
+            simulcast,
             muted: AtomicBool::new(false),
             ext_ids,
             commands,

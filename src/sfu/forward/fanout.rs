@@ -44,16 +44,42 @@ pub struct TrackForwarder<S> {
     pub stats: TrackStats,
     /// Reused for every output header: no allocation per packet.
     scratch: RtpHeader,
+    /// The announced simulcast rids and their ranks (empty: not simulcast, or not announced).
+    rid_ranks: Vec<(String, Quality)>,
 }
 
-/// Maps a simulcast rid to a quality rank; `None` for a name that tells nothing.
-fn quality_of_rid(rid: &str) -> Option<Quality> {
+/// Maps a simulcast rid to a quality rank; `None` for a name that tells nothing. "h" is half
+/// (medium) next to "q"/"f" (Chrome's naming), but high next to "l"/"m".
+fn quality_of_rid(rid: &str, h_is_high: bool) -> Option<Quality> {
     match rid.to_ascii_lowercase().as_str() {
         "q" | "l" | "low" | "0" => Some(Quality::Low),
+        "h" if h_is_high => Some(Quality::High),
         "h" | "m" | "mid" | "medium" | "1" => Some(Quality::Medium),
         "f" | "high" | "full" | "2" => Some(Quality::High),
         _ => None,
     }
+}
+
+/// The quality of each rid a publisher announced (`a=simulcast:send`): by name when every name
+/// tells its rank and no two share one, else by position, lowest first (the order browsers list
+/// `sendEncodings` in).
+pub fn rank_rids(rids: &[String]) -> Vec<(String, Quality)> {
+    let lower: Vec<String> = rids.iter().map(|r| r.to_ascii_lowercase()).collect();
+    let h_is_high = lower.iter().any(|r| r == "l" || r == "m") && !lower.iter().any(|r| r == "f");
+    let named: Option<Vec<Quality>> = lower.iter().map(|r| quality_of_rid(r, h_is_high)).collect();
+    let distinct = |q: &[Quality]| (1..q.len()).all(|i| !q[..i].contains(&q[i]));
+    let qualities = match named {
+        Some(q) if distinct(&q) => q,
+        _ => (0..rids.len())
+            .map(|i| match (i, rids.len()) {
+                (_, 1) => Quality::High,
+                (0, _) => Quality::Low,
+                (i, n) if i + 1 == n => Quality::High,
+                _ => Quality::Medium,
+            })
+            .collect(),
+    };
+    rids.iter().cloned().zip(qualities).collect()
 }
 
 impl<S> TrackForwarder<S> {
@@ -65,7 +91,42 @@ impl<S> TrackForwarder<S> {
             muted: false,
             stats: TrackStats::default(),
             scratch: RtpHeader::default(),
+            rid_ranks: Vec::new(),
         }
+    }
+
+    /// The simulcast rids the publisher announced, so each layer gets its rank from the whole set.
+    pub fn set_rids(&mut self, rids: &[String]) {
+        self.rid_ranks = rank_rids(rids);
+    }
+
+    pub fn has_layer(&self, ssrc: u32) -> bool {
+        self.layers.iter().any(|l| l.ssrc == ssrc)
+    }
+
+    /// Whether a layer for `rid` (or, with `None`, any layer at all) is still missing: a source
+    /// whose announcement was lost can then be added from its first packet, while a stream that
+    /// is not a layer (say a retransmission stream) can never displace one.
+    pub fn lacks_layer(&self, rid: Option<&str>) -> bool {
+        match rid {
+            None => self.layers.is_empty() && self.rid_ranks.is_empty(),
+            Some(rid) => {
+                let quality = self.quality_of(rid);
+                self.rid_ranks.iter().any(|(r, _)| r == rid)
+                    && !self.layers.iter().any(|l| l.quality == quality)
+            }
+        }
+    }
+
+    fn quality_of(&self, rid: &str) -> Quality {
+        if let Some((_, q)) = self.rid_ranks.iter().find(|(r, _)| r == rid) {
+            return *q;
+        }
+        quality_of_rid(rid, false).unwrap_or(match self.layers.len() {
+            0 => Quality::Low,
+            1 => Quality::Medium,
+            _ => Quality::High,
+        })
     }
 
     /// Registers a source SSRC (a simulcast layer by its rid, or the single stream). A known SSRC
@@ -77,11 +138,7 @@ impl<S> TrackForwarder<S> {
         let quality = match rid {
             // A single stream: any wish maps to it.
             None => Quality::High,
-            Some(rid) => quality_of_rid(rid).unwrap_or(match self.layers.len() {
-                0 => Quality::Low,
-                1 => Quality::Medium,
-                _ => Quality::High,
-            }),
+            Some(rid) => self.quality_of(rid),
         };
         // The same rank again (a re-publish with new SSRCs): the new source replaces the old.
         self.layers.retain(|l| l.quality != quality);

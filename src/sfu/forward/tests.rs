@@ -513,3 +513,75 @@ fn a_renegotiation_keeps_the_subscribers_layer_choice() {
     );
     assert_eq!(f.down_track(1).unwrap().config.quality, Quality::Low);
 }
+
+#[test]
+fn simulcast_rids_are_ranked_by_the_whole_set() {
+    let ranks = |rids: &[&str]| {
+        let rids: Vec<String> = rids.iter().map(|r| r.to_string()).collect();
+        rank_rids(&rids)
+            .into_iter()
+            .map(|(_, q)| q)
+            .collect::<Vec<_>>()
+    };
+    use Quality::{High, Low, Medium};
+    assert_eq!(ranks(&["q", "h", "f"]), [Low, Medium, High]);
+    assert_eq!(ranks(&["f", "h", "q"]), [High, Medium, Low]);
+    assert_eq!(
+        ranks(&["l", "m", "h"]),
+        [Low, Medium, High],
+        "h is high next to l/m"
+    );
+    assert_eq!(ranks(&["h", "l"]), [High, Low]);
+    assert_eq!(ranks(&["r0", "r1", "r2"]), [Low, Medium, High]);
+    assert_eq!(
+        ranks(&["a", "b"]),
+        [Low, High],
+        "unknown names: by position"
+    );
+    assert_eq!(ranks(&["low", "x"]), [Low, High], "a mix: by position");
+    assert_eq!(ranks(&["only"]), [High]);
+}
+
+#[test]
+fn l_m_h_layers_all_count() {
+    // With l/m/h naming all three layers are kept: none replaces another.
+    let mut f = TrackForwarder::new(Codec::Vp8);
+    f.set_rids(&["l".into(), "m".into(), "h".into()]);
+    f.add_layer(100, Some("l"));
+    f.add_layer(200, Some("m"));
+    f.add_layer(300, Some("h"));
+    assert!(f.has_layer(100) && f.has_layer(200) && f.has_layer(300));
+    let t0 = Instant::now();
+    let mut sent = Sent::new();
+    for ssrc in [100, 200, 300] {
+        run(&mut f, &pkt(ssrc, 1, 1000, VP8_KEY), t0, &mut sent);
+    }
+    // All three are live; a subscriber wishing high gets h and nothing else.
+    f.add_down_track(down(1, 96), 1);
+    for ssrc in [100, 200, 300] {
+        run(&mut f, &pkt(ssrc, 2, 4000, VP8_KEY), t0, &mut sent);
+    }
+    assert_eq!(sent.len(), 1, "only the wished (high) layer is sent");
+    assert_eq!(f.stats.unknown_ssrc, 0);
+}
+
+#[test]
+fn a_missing_layer_can_be_added_late_but_never_displaces_one() {
+    let mut f = TrackForwarder::<u64>::new(Codec::Vp8);
+    f.set_rids(&["q".into(), "h".into(), "f".into()]);
+    f.add_layer(100, Some("q"));
+    assert!(f.lacks_layer(Some("f")), "f has not been announced");
+    assert!(!f.lacks_layer(Some("q")), "q is there");
+    assert!(!f.lacks_layer(Some("x")), "x is no layer of this track");
+    assert!(
+        !f.lacks_layer(None),
+        "a stream without rid is no layer of a simulcast track"
+    );
+    let mut single = TrackForwarder::<u64>::new(Codec::Opus);
+    assert!(single.lacks_layer(None));
+    single.add_layer(7, None);
+    assert!(
+        !single.lacks_layer(None),
+        "a second stream never replaces the first"
+    );
+}

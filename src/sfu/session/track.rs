@@ -40,10 +40,14 @@ pub enum TrackCommand {
 pub async fn run(
     track_id: String,
     codec: Codec,
+    rids: Vec<String>,
     mut remote: Arc<dyn TrackRemote>,
     mut commands: mpsc::UnboundedReceiver<TrackCommand>,
 ) {
     let mut forwarder: TrackForwarder<Sink> = TrackForwarder::new(codec);
+    forwarder.set_rids(&rids);
+    // SSRCs that turned out not to be a missing layer: not looked up again.
+    let mut not_layers: Vec<u32> = Vec::new();
     let mut out: Vec<(Sink, RtpHeader)> = Vec::new();
     let mut source_open = true;
     let mut dropped: u64 = 0;
@@ -66,6 +70,16 @@ pub async fn run(
                 }
                 Some(TrackRemoteEvent::OnRtpPacket(packet)) => {
                     let packet = from_rtc(packet);
+                    let ssrc = packet.header.ssrc;
+                    if !forwarder.has_layer(ssrc) && !not_layers.contains(&ssrc) && not_layers.len() < 16 {
+                        // Its OnOpen may have been lost (a full event queue drops it).
+                        let rid = remote.rid(ssrc).await;
+                        if forwarder.lacks_layer(rid.as_deref()) {
+                            forwarder.add_layer(ssrc, rid.as_deref());
+                        } else {
+                            not_layers.push(ssrc);
+                        }
+                    }
                     let keyframe_for = forwarder.forward(&packet, Instant::now(), |sink, header, _| {
                         out.push((sink.clone(), header.clone()));
                     });
