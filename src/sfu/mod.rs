@@ -145,7 +145,7 @@ impl Sfu {
         if let Some(m) = self.member(user_id, session) {
             return Ok(m);
         }
-        let _one_join_at_a_time = self.joins.lock().await;
+        let one_join_at_a_time = self.joins.lock().await;
         if let Some(m) = self.member(user_id, session) {
             return Ok(m);
         }
@@ -184,6 +184,10 @@ impl Sfu {
             PcKind::Subscriber,
             peer_events,
         ));
+        // The member exists now: a second request of this session finds it. Subscribing to the
+        // room's tracks needs no server-wide lock (add_down is per member and dedupes), so other
+        // joins need not wait for it.
+        drop(one_join_at_a_time);
 
         let (tracks, channels) = {
             let s = self.state.lock().unwrap();
