@@ -688,6 +688,11 @@ async fn a_member_whose_connections_die_is_removed_everywhere() {
         "{}",
         b.summary()
     );
+    // Alice's signaling still works, and it tells her that her media session has ended.
+    let ended = a.envelopes_of("mediaEnded");
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0]["data"]["reason"], "connection failed");
+    assert_eq!(ended[0]["data"]["fromUid"], "sfu");
     b.close().await;
     drop(a);
     server.shutdown().await;

@@ -71,6 +71,12 @@ pub enum SfuEvent {
         room_id: String,
         track: TrackInfo,
     },
+    /// The server ended the member's media session by itself (its connection failed).
+    MediaEnded {
+        user_id: String,
+        session: String,
+        reason: &'static str,
+    },
     /// A track the member sent that is not forwarded, and why (an error envelope for `offer`).
     TrackRefused {
         user_id: String,

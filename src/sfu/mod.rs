@@ -422,7 +422,8 @@ impl Sfu {
     }
 
     /// Ends a member's media session: both connections, its tracks and channels everywhere.
-    pub async fn leave(&self, user_id: &str, session: &str) {
+    /// Whether there was one to end.
+    pub async fn leave(&self, user_id: &str, session: &str) -> bool {
         let member = {
             let mut s = self.state.lock().unwrap();
             match s.members.get(user_id) {
@@ -430,7 +431,7 @@ impl Sfu {
                 _ => None,
             }
         };
-        let Some(member) = member else { return };
+        let Some(member) = member else { return false };
         member.close().await;
         // Wait for an add_down or channel copy in progress (they hold `track_ops`); later ones
         // see the member closed. So nothing is added after the clean-up below. (This member is
@@ -459,6 +460,7 @@ impl Sfu {
             let _ = d.commands.send(TrackCommand::RemoveDown(d.down_id));
         }
         info!(user = %user_id, "media session ended");
+        true
     }
 
     /// Closes every media session (graceful shutdown).
@@ -529,7 +531,16 @@ impl Sfu {
                     warn!(user = %member.user_id, pc = ?kind, "connection failed; ending the media session");
                     let sfu = self.clone();
                     let (user, session) = (member.user_id.clone(), member.session.clone());
-                    tokio::spawn(async move { sfu.leave(&user, &session).await });
+                    tokio::spawn(async move {
+                        if sfu.leave(&user, &session).await {
+                            // Tell the client, which can then offer again.
+                            let _ = sfu.events.send(SfuEvent::MediaEnded {
+                                user_id: user,
+                                session,
+                                reason: "connection failed",
+                            });
+                        }
+                    });
                 }
                 PeerEvent::State(state) => {
                     debug!(user = %member.user_id, pc = ?kind, %state, "connection state")

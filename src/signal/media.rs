@@ -256,6 +256,19 @@ pub fn delivery(event: SfuEvent) -> Delivery {
                 Envelope::ok("trackPublished", "track published", json!(track)),
             )
         }
+        SfuEvent::MediaEnded {
+            user_id,
+            session,
+            reason,
+        } => Delivery::Session(
+            user_id,
+            session,
+            Envelope::ok(
+                "mediaEnded",
+                "media session ended",
+                json!({"fromUid": "sfu", "reason": reason}),
+            ),
+        ),
         SfuEvent::TrackRefused {
             user_id,
             session,
