@@ -478,13 +478,6 @@ impl Sfu {
         }
     }
 
-    fn track_id_taken(&self, room_id: &str, track_id: &str, owner: &str) -> bool {
-        let s = self.state.lock().unwrap();
-        s.tracks
-            .iter()
-            .any(|t| t.room_id == room_id && t.track_id == track_id && t.owner != owner)
-    }
-
     fn is_published(&self, t: &Arc<Published>) -> bool {
         let s = self.state.lock().unwrap();
         s.tracks.iter().any(|x| Arc::ptr_eq(x, t))
@@ -595,9 +588,45 @@ impl Sfu {
             let _ = t.commands.send(TrackCommand::Source(remote));
             return;
         }
-        // Subscribers tell tracks apart by id (webrtc even routes a sent track's RTCP by it), so
-        // an id another member of the room already publishes is refused.
-        if self.track_id_taken(&member.room_id, &track_id, &member.user_id) {
+        let offer = member.publisher_sdp.lock().unwrap().clone();
+        let ext_ids = session::sdp::extension_ids(&offer, &track_id)
+            .into_iter()
+            .filter(|(uri, _)| FORWARDED_EXTENSIONS.contains(&uri.as_str()))
+            .collect();
+        let (commands, rx) = mpsc::unbounded_channel();
+        let simulcast = session::sdp::simulcast_rids(&offer, &track_id);
+        let published = Arc::new(Published {
+            owner: member.user_id.clone(),
+            room_id: member.room_id.clone(),
+            track_id: track_id.clone(),
+            kind,
+            codec,
+            simulcast: simulcast.clone(),
+            muted: AtomicBool::new(false),
+            ext_ids,
+            commands,
+        });
+        let taken = {
+            let mut s = self.state.lock().unwrap();
+            let live = s
+                .members
+                .get(&member.user_id)
+                .is_some_and(|m| Arc::ptr_eq(m, member));
+            if !live {
+                return; // the session ended meanwhile; its connections are closing
+            }
+            // Subscribers tell tracks apart by id (webrtc even routes a sent track's RTCP by
+            // it), so an id another member of the room publishes is refused. Checked and
+            // claimed under one lock, so two members cannot both claim it.
+            let taken = s.tracks.iter().any(|t| {
+                t.room_id == member.room_id && t.track_id == track_id && t.owner != member.user_id
+            });
+            if !taken {
+                s.tracks.push(published.clone());
+            }
+            taken
+        };
+        if taken {
             warn!(user = %member.user_id, track = %track_id, "track id in use in the room: not forwarded");
             let _ = self.events.send(SfuEvent::TrackRefused {
                 user_id: member.user_id.clone(),
@@ -607,42 +636,13 @@ impl Sfu {
             tokio::spawn(async move { while remote.poll().await.is_some() {} });
             return;
         }
-        let offer = member.publisher_sdp.lock().unwrap().clone();
-        let ext_ids = session::sdp::extension_ids(&offer, &track_id)
-            .into_iter()
-            .filter(|(uri, _)| FORWARDED_EXTENSIONS.contains(&uri.as_str()))
-            .collect();
-        let (commands, rx) = mpsc::unbounded_channel();
-        let simulcast = session::sdp::simulcast_rids(&offer, &track_id);
         tokio::spawn(track_task::run(
             track_id.clone(),
             forward_codec,
-            simulcast.clone(),
+            simulcast,
             remote,
             rx,
         ));
-        let published = Arc::new(Published {
-            owner: member.user_id.clone(),
-            room_id: member.room_id.clone(),
-            track_id: track_id.clone(),
-            kind,
-            codec,
-            simulcast,
-            muted: AtomicBool::new(false),
-            ext_ids,
-            commands,
-        });
-        {
-            let mut s = self.state.lock().unwrap();
-            let live = s
-                .members
-                .get(&member.user_id)
-                .is_some_and(|m| Arc::ptr_eq(m, member));
-            if !live {
-                return; // the session ended meanwhile; dropping `published` ends the task
-            }
-            s.tracks.push(published.clone());
-        }
         info!(user = %member.user_id, track = %track_id, ?kind, "track published");
         let _ = self.events.send(SfuEvent::TrackPublished {
             room_id: member.room_id.clone(),
@@ -795,7 +795,12 @@ impl Sfu {
             .create_data_channel(&source.label, Some(source.init.clone()))
             .await
         {
-            Ok(copy) => source.add_copy(&member.session, copy),
+            Ok(copy) => {
+                if !source.add_copy(&member.session, copy.clone()) {
+                    let _ = copy.close().await; // its source closed meanwhile
+                    return;
+                }
+            }
             Err(e) => {
                 warn!(user = %member.user_id, label = %source.label, "cannot create the relayed channel: {e}");
                 return;

@@ -46,13 +46,19 @@ impl ChannelSource {
         }
     }
 
-    /// Registers a copy made on a session's subscriber connection and keeps it polled.
-    pub fn add_copy(&self, session: &str, channel: Arc<dyn DataChannel>) {
+    /// Registers a copy made on a session's subscriber connection and keeps it polled; `false`
+    /// (the caller closes the copy) when the source has ended meanwhile.
+    pub fn add_copy(&self, session: &str, channel: Arc<dyn DataChannel>) -> bool {
+        let mut copies = self.copies.lock().unwrap();
+        if self.ended.is_cancelled() {
+            return false;
+        }
         tokio::spawn(drain(channel.clone(), self.ended.clone()));
-        self.copies.lock().unwrap().push(Copy {
+        copies.push(Copy {
             session: session.to_owned(),
             channel,
         });
+        true
     }
 
     /// Forgets (and closes) the copy on a session's connection.
@@ -115,17 +121,15 @@ impl ChannelSource {
                 _ => {}
             }
         }
-        let copies: Vec<Arc<dyn DataChannel>> = self
-            .copies
-            .lock()
-            .unwrap()
-            .drain(..)
-            .map(|c| c.channel)
-            .collect();
+        let copies: Vec<Arc<dyn DataChannel>> = {
+            // Ended under the lock that add_copy checks it under: no copy is added after this.
+            let mut copies = self.copies.lock().unwrap();
+            self.ended.cancel();
+            copies.drain(..).map(|c| c.channel).collect()
+        };
         for copy in copies {
             let _ = copy.close().await;
         }
-        self.ended.cancel();
     }
 }
 

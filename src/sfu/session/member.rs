@@ -107,6 +107,9 @@ pub struct Member {
     /// The client's latest publisher offer (extension ids and simulcast rids of its tracks).
     pub publisher_sdp: Mutex<String>,
     negotiate: Notify,
+    /// Subscriber answers in a row that failed after webrtc had applied them (see
+    /// subscriber_answer).
+    failed_answers: std::sync::atomic::AtomicU32,
     answered: Notify,
     pub closed: AtomicBool,
     /// Ends the tasks that watch this member's connections (they hold the member, and the
@@ -139,6 +142,7 @@ impl Member {
             has_channels: AtomicBool::new(false),
             publisher_sdp: Mutex::new(String::new()),
             negotiate: Notify::new(),
+            failed_answers: Default::default(),
             answered: Notify::new(),
             closed: AtomicBool::new(false),
             ended: tokio_util::sync::CancellationToken::new(),
@@ -279,9 +283,13 @@ impl Member {
         if result.is_err()
             && leg.pc.pending_remote_description().await.is_some()
             && let Ok(rollback) = RTCSessionDescription::rollback(None)
-            && let Err(e) = leg.pc.set_remote_description(rollback).await
         {
-            warn!(user = %self.user_id, "cannot roll back a failed offer: {e}");
+            if let Err(e) = leg.pc.set_remote_description(rollback).await {
+                warn!(user = %self.user_id, "cannot roll back a failed offer: {e}");
+            } else if leg.pc.current_remote_description().await.is_none() {
+                // Back to no remote description at all: hold candidates again until one.
+                leg.remote.lock().await.ready = false;
+            }
         }
         result
     }
@@ -320,21 +328,21 @@ impl Member {
             RTCSessionDescription::answer(sdp).map_err(|e| SfuError::BadSdp(e.to_string()))?;
         {
             let _ops = self.sub_ops.lock().await;
-            if let Err(e) = self.subscriber.pc.set_remote_description(answer).await {
-                if self
-                    .subscriber
-                    .pc
-                    .pending_local_description()
-                    .await
-                    .is_none()
-                {
+            let pc = &self.subscriber.pc;
+            let had_offer = pc.pending_local_description().await.is_some();
+            if let Err(e) = pc.set_remote_description(answer).await {
+                if had_offer && pc.pending_local_description().await.is_none() {
                     // webrtc took the answer as far as `stable` before failing: this offer is
-                    // done but its down-tracks are not configured, so make a new one.
+                    // done but its down-tracks are not configured, so make a new one (a few
+                    // times: a client whose answers always fail must not loop forever).
                     self.answered.notify_one();
-                    self.renegotiate();
+                    if self.failed_answers.fetch_add(1, Ordering::SeqCst) < OFFER_RETRIES {
+                        self.renegotiate();
+                    }
                 }
                 return Err(SfuError::BadSdp(e.to_string()));
             }
+            self.failed_answers.store(0, Ordering::SeqCst);
         }
         Self::remote_description_set(&self.subscriber).await;
         // Now that the server knows the client's ICE credentials, let the client have the
@@ -434,6 +442,8 @@ impl Member {
                     if failures <= OFFER_RETRIES {
                         tokio::time::sleep(OFFER_RETRY_DELAY).await;
                         self.renegotiate();
+                    } else {
+                        failures = 0; // given up on this change; the next one tries afresh
                     }
                 }
             }
