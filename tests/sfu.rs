@@ -43,6 +43,40 @@ fn receives_exactly(peer: &TestPeer, publishers: &[(&str, u8)]) -> bool {
     })
 }
 
+/// A runtime for one peer's connections: shutting it down makes them vanish without a goodbye
+/// (a network failure) while the peer's signaling goes on.
+fn own_media_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Alice publishes, bob only receives; returns once bob gets alice's audio and video.
+async fn alice_publishing_to_bob(addr: std::net::SocketAddr) -> (TestPeer, TestPeer) {
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
+        "{}",
+        b.summary()
+    );
+    (a, b)
+}
+
+/// Whether more of `publisher`'s packets keep reaching `peer`.
+async fn keeps_receiving(peer: &TestPeer, publisher: &str) -> bool {
+    let packets = || {
+        peer.tracks_from(publisher)
+            .iter()
+            .map(|t| t.packets)
+            .sum::<u64>()
+    };
+    let before = packets();
+    eventually(MEDIA_WAIT, || packets() > before + 50).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_exchange_media_and_data_through_the_server() {
     let server = start().await;
@@ -323,13 +357,7 @@ async fn selective_subscription_and_mute() {
 async fn a_subscribers_keyframe_request_reaches_the_publisher() {
     let server = start().await;
     let addr = server.local_addr();
-    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
-    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
-    assert!(
-        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
-        "{}",
-        b.summary()
-    );
+    let (a, b) = alice_publishing_to_bob(addr).await;
     // Wait out the throttle window of any keyframe requests the server made by itself.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let before = a
@@ -645,19 +673,12 @@ async fn a_member_whose_connections_die_is_removed_everywhere() {
     let server = switchboard::Server::start(config).await.unwrap();
     let addr = server.local_addr();
     // Alice's peer connections live on their own runtime; her signaling does not.
-    let media = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let media = own_media_runtime();
     let doomed = Options {
         publish: true,
         chat: true,
-        hold_media: None,
-        shape: Default::default(),
-        accept_video: None,
         media_runtime: Some(media.handle().clone()),
-        track_ids_of: None,
+        ..Default::default()
     };
     let a = TestPeer::join_with(addr, "alice", "R", 1, doomed).await;
     let b = TestPeer::join(addr, "bob", "R", 2, false).await;
@@ -704,13 +725,7 @@ async fn an_mdns_candidate_is_ignored_without_an_error() {
     // such a candidate is dropped quietly and the connection carries on.
     let server = start().await;
     let addr = server.local_addr();
-    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
-    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
-    assert!(
-        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
-        "{}",
-        b.summary()
-    );
+    let (a, b) = alice_publishing_to_bob(addr).await;
     for pc in ["publisher", "subscriber"] {
         a.emit(
             "candidate",
@@ -719,18 +734,7 @@ async fn an_mdns_candidate_is_ignored_without_an_error() {
                 "sdpMid": "0", "sdpMLineIndex": 0}}),
         );
     }
-    let packets = || {
-        b.tracks_from("alice")
-            .iter()
-            .map(|t| t.packets)
-            .sum::<u64>()
-    };
-    let before = packets();
-    assert!(
-        eventually(MEDIA_WAIT, || packets() > before + 50).await,
-        "alice's media keeps flowing: {}",
-        b.summary()
-    );
+    assert!(keeps_receiving(&b, "alice").await, "{}", b.summary());
     assert_eq!(a.envelopes_of("error"), Vec::<serde_json::Value>::new());
     a.close().await;
     b.close().await;
@@ -741,13 +745,7 @@ async fn an_mdns_candidate_is_ignored_without_an_error() {
 async fn candidates_are_limited_in_size_and_number() {
     let server = start().await;
     let addr = server.local_addr();
-    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
-    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
-    assert!(
-        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
-        "{}",
-        b.summary()
-    );
+    let (a, b) = alice_publishing_to_bob(addr).await;
     let candidate = |port: u32, pad: usize| {
         serde_json::json!({"targetUid": "sfu", "pc": "publisher", "candidate": {
             "candidate": format!("candidate:{port} 1 udp 2122260223 127.0.0.1 {port} typ host{}", " ".repeat(pad)),
@@ -770,14 +768,7 @@ async fn candidates_are_limited_in_size_and_number() {
     );
     assert_eq!(refused("longer than 1024 bytes"), 1);
     // The client's own candidates were among the first; media keeps flowing.
-    let packets = || {
-        b.tracks_from("alice")
-            .iter()
-            .map(|t| t.packets)
-            .sum::<u64>()
-    };
-    let before = packets();
-    assert!(eventually(MEDIA_WAIT, || packets() > before + 50).await);
+    assert!(keeps_receiving(&b, "alice").await, "{}", b.summary());
     a.close().await;
     b.close().await;
     server.shutdown().await;
@@ -852,19 +843,10 @@ async fn a_lagging_subscriber_misses_data_messages_instead_of_growing_memory() {
     let addr = server.local_addr();
     // Bob's peer connections live on their own runtime, which stops: his SCTP acknowledges
     // nothing from then on, as a subscriber on a dead link would.
-    let media = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let media = own_media_runtime();
     let lagging = Options {
-        publish: false,
-        chat: false,
-        hold_media: None,
-        shape: Default::default(),
-        accept_video: None,
         media_runtime: Some(media.handle().clone()),
-        track_ids_of: None,
+        ..Default::default()
     };
     let a = TestPeer::join(addr, "alice", "R", 1, true).await;
     let b = TestPeer::join_with(addr, "bob", "R", 2, lagging).await;
@@ -927,22 +909,12 @@ async fn a_lagging_subscriber_misses_data_messages_instead_of_growing_memory() {
 async fn a_track_id_another_member_publishes_is_refused() {
     let server = start().await;
     let addr = server.local_addr();
-    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
-    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
-    assert!(
-        eventually(MEDIA_WAIT, || receives_exactly(&b, &[("alice", 1)])).await,
-        "{}",
-        b.summary()
-    );
+    let (a, b) = alice_publishing_to_bob(addr).await;
     // Mallory publishes tracks with alice's ids.
     let copycat = Options {
         publish: true,
-        chat: false,
-        hold_media: None,
-        shape: Default::default(),
-        accept_video: None,
-        media_runtime: None,
         track_ids_of: Some("alice".into()),
+        ..Default::default()
     };
     let m = TestPeer::join_with(addr, "mallory", "R", 3, copycat).await;
     let refused = eventually(MEDIA_WAIT, || {

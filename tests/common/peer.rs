@@ -95,6 +95,7 @@ impl Observed {
     }
 }
 
+#[derive(Default)]
 pub struct Options {
     pub publish: bool,
     pub chat: bool,
