@@ -360,8 +360,8 @@ impl Sfu {
             let key = (t.owner.clone(), t.track_id.clone());
             if on {
                 member.unsubscribed.lock().unwrap().remove(&key);
-                if member.wants(&t.owner, &t.track_id) && !member.has_down(&t.owner, &t.track_id) {
-                    self.add_down(&member, &t).await;
+                if member.wants(&t.owner, &t.track_id) {
+                    self.add_down(&member, &t).await; // a no-op if it is already there
                 }
             } else {
                 member.unsubscribed.lock().unwrap().insert(key);
@@ -548,11 +548,11 @@ impl Sfu {
                     let member = member.clone();
                     tokio::spawn(async move { sfu.on_channel(&member, channel).await });
                 }
-                // Media or a channel sent on the subscriber connection is not relayed; it is
-                // read and discarded, or webrtc logs every packet its full queue drops.
+                // Media or a channel sent on the subscriber connection is not relayed, only
+                // read and discarded (see `discard`).
                 PeerEvent::Track(remote) => {
                     debug!(user = %member.user_id, "ignoring a track sent on the subscriber connection");
-                    tokio::spawn(async move { while remote.poll().await.is_some() {} });
+                    discard(remote);
                 }
                 PeerEvent::DataChannel(channel) => {
                     debug!(user = %member.user_id, "ignoring a channel opened on the subscriber connection");
@@ -577,8 +577,7 @@ impl Sfu {
             codec.and_then(|c| Codec::from_mime(&c.mime_type).map(|f| (c, f)))
         else {
             warn!(user = %member.user_id, track = %track_id, "unsupported codec: track not forwarded");
-            // Keep reading it, or webrtc logs every dropped packet.
-            tokio::spawn(async move { while remote.poll().await.is_some() {} });
+            discard(remote);
             return;
         };
         let existing = self
@@ -633,7 +632,7 @@ impl Sfu {
                 session: member.session.clone(),
                 error: SfuError::TrackIdInUse(track_id),
             });
-            tokio::spawn(async move { while remote.poll().await.is_some() {} });
+            discard(remote);
             return;
         }
         tokio::spawn(track_task::run(
@@ -812,6 +811,12 @@ impl Sfu {
             member.renegotiate();
         }
     }
+}
+
+/// Reads a track that is not forwarded until it ends: unread, webrtc logs every packet its full
+/// queue drops.
+fn discard(remote: Arc<dyn TrackRemote>) {
+    tokio::spawn(async move { while remote.poll().await.is_some() {} });
 }
 
 /// A subscriber's PLI/FIR on its copy of a track becomes a keyframe request to the publisher.

@@ -110,11 +110,10 @@ impl<S> TrackForwarder<S> {
     pub fn lacks_layer(&self, rid: Option<&str>) -> bool {
         match rid {
             None => self.layers.is_empty() && self.rid_ranks.is_empty(),
-            Some(rid) => {
-                let quality = self.quality_of(rid);
-                self.rid_ranks.iter().any(|(r, _)| r == rid)
-                    && !self.layers.iter().any(|l| l.quality == quality)
-            }
+            Some(rid) => match self.rid_ranks.iter().find(|(r, _)| r == rid) {
+                Some((_, quality)) => !self.layers.iter().any(|l| l.quality == *quality),
+                None => false,
+            },
         }
     }
 
@@ -132,7 +131,7 @@ impl<S> TrackForwarder<S> {
     /// Registers a source SSRC (a simulcast layer by its rid, or the single stream). A known SSRC
     /// is ignored, so repeated announcements (after every renegotiation) are harmless.
     pub fn add_layer(&mut self, ssrc: u32, rid: Option<&str>) {
-        if self.layers.iter().any(|l| l.ssrc == ssrc) {
+        if self.has_layer(ssrc) {
             return;
         }
         let quality = match rid {

@@ -34,6 +34,8 @@ pub struct DownEntry {
     pub owner: String,
     pub track_id: String,
     pub down_id: DownTrackId,
+    /// The config the down-track was added with; each answer re-derives its payload type and
+    /// extension ids from it (the layer choice is the forwarder's, see `set_quality`).
     pub config: DownTrackConfig,
     pub sender: Arc<dyn RtpSender>,
     pub local: Arc<TrackLocalStaticRTP>,
@@ -388,15 +390,6 @@ impl Member {
             }
             if config.payload_type.is_none() {
                 debug!(user = %self.user_id, mime = %entry.mime, "subscriber did not accept the codec: track not sent");
-            }
-            if let Some(d) = self
-                .downs
-                .lock()
-                .unwrap()
-                .iter_mut()
-                .find(|d| d.down_id == config.id)
-            {
-                d.config = config.clone();
             }
             let _ = entry.commands.send(TrackCommand::Configure(config));
         }
