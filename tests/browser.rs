@@ -3,6 +3,8 @@
 //! channels. The server and the browser run in a fresh network namespace that has only
 //! loopback (`unshare -n`), so nothing leaves the machine.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -28,11 +30,5 @@ fn three_browsers_see_each_other_and_chat_through_the_demo_page() {
         .current_dir(&dir)
         .output()
         .expect("unshare runs (needs root or user namespaces)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "browser checks failed:\n{stdout}");
-    assert!(
-        stdout.lines().any(|l| l == "21 passed, 0 failed"),
-        "{stdout}"
-    );
+    common::assert_node_checks(&out, "21 passed, 0 failed");
 }

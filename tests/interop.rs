@@ -25,12 +25,6 @@ async fn npm_socket_io_client_speaks_part_1_over_every_transport() {
     .await
     .unwrap()
     .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "interop checks failed:\n{stdout}");
-    assert!(
-        stdout.lines().any(|l| l == "9 passed, 0 failed"),
-        "{stdout}"
-    );
+    common::assert_node_checks(&out, "9 passed, 0 failed");
     server.shutdown().await;
 }

@@ -284,3 +284,13 @@ pub async fn http_get(url: &str) -> String {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
 }
+
+/// Checks the output of a node check script (tests/interop/*.mjs): it exited with success and
+/// printed exactly `summary` ("N passed, 0 failed"), so a check that silently stopped running
+/// is noticed too.
+pub fn assert_node_checks(out: &std::process::Output, summary: &str) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "node checks failed:\n{stdout}");
+    assert!(stdout.lines().any(|l| l == summary), "{stdout}");
+}
