@@ -23,4 +23,9 @@ fi
 
 (cd tests/interop && npm ci --no-audit --no-fund --loglevel=error)
 
+# A failing test prints the server's log lines captured during it (info and up, webrtc's
+# warnings, the ICE/DTLS core's errors), then its message; without backtraces, so that those fit
+# in the tail of the output.
+export RUST_LOG="${RUST_LOG:-switchboard=info,webrtc=warn,rtc=error}"
+export RUST_BACKTRACE=0
 cargo test --locked --all-targets "$@"

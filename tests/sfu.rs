@@ -861,13 +861,17 @@ async fn a_lagging_subscriber_misses_data_messages_instead_of_growing_memory() {
             .map(|ch| ch.binaries.len())
     };
     let chat = a.chat.clone().unwrap();
+    let chat_open = || a.chat_open.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
-        eventually(MEDIA_WAIT, || a
-            .chat_open
-            .load(std::sync::atomic::Ordering::SeqCst)
+        eventually(MEDIA_WAIT, || chat_open()
             && alice_chat_binaries(&b).is_some()
             && alice_chat_binaries(&c).is_some())
-        .await
+        .await,
+        "alice's chat open: {}\n{}\n{}\n{}",
+        chat_open(),
+        a.summary(),
+        b.summary(),
+        c.summary()
     );
     chat.send(BytesMut::from(&b"ping"[..])).await.unwrap();
     assert!(

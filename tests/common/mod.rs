@@ -16,6 +16,7 @@ pub const WAIT: Duration = Duration::from_secs(5);
 pub const QUIET: Duration = Duration::from_millis(300);
 
 pub fn test_config() -> Config {
+    logs();
     let mut c = Config::defaults();
     c.server.listen = "127.0.0.1:0".parse().unwrap();
     c
@@ -27,6 +28,7 @@ pub fn logs() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
+            .with_ansi(false)
             .try_init();
     }
 }

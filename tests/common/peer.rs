@@ -87,9 +87,15 @@ pub struct Observed {
     /// Track ids the latest subscriber offer still sends (webrtc-rs never ends a remote track
     /// that renegotiation removed, so this is how a client sees a track go).
     pub offered: Mutex<Vec<String>>,
+    /// Connection state changes, as "publisher Connected" (for assertion messages).
+    pub states: Mutex<Vec<String>>,
 }
 
 impl Observed {
+    fn record_state(&self, pc: &str, state: impl std::fmt::Debug) {
+        self.states.lock().unwrap().push(format!("{pc} {state:?}"));
+    }
+
     fn is_live(&self, r: &Received) -> bool {
         !r.ended && self.offered.lock().unwrap().contains(&r.track_id)
     }
@@ -265,14 +271,18 @@ impl TestPeer {
 
         // Publisher candidates go to the sfu.
         {
-            let out = out_tx.clone();
+            let (out, obs) = (out_tx.clone(), observed.clone());
             tokio::spawn(async move {
                 while let Some(e) = pub_events.recv().await {
-                    if let PeerEvent::Candidate(c) = e {
-                        let _ = out.send((
-                            "candidate".into(),
-                            json!({"targetUid": "sfu", "pc": "publisher", "candidate": c}),
-                        ));
+                    match e {
+                        PeerEvent::Candidate(c) => {
+                            let _ = out.send((
+                                "candidate".into(),
+                                json!({"targetUid": "sfu", "pc": "publisher", "candidate": c}),
+                            ));
+                        }
+                        PeerEvent::State(state) => obs.record_state("publisher", state),
+                        _ => {}
                     }
                 }
             });
@@ -409,11 +419,25 @@ impl TestPeer {
             })
             .collect();
         lines.sort();
+        let channels: Vec<String> = self
+            .observed
+            .channels
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let messages = c.texts.len() + c.binaries.len();
+                format!("{}@{} ({messages} messages)", c.label, c.protocol)
+            })
+            .collect();
+        let errors = self.envelopes_of("error");
         format!(
-            "{} | offers={} offered={:?}",
+            "{}: {} | channels {channels:?} | offers={} offered={:?} | states {:?} | errors {errors:?}",
+            self.user,
             lines.join("; "),
             self.observed.subscriber_offers.load(Ordering::SeqCst),
-            self.observed.offered.lock().unwrap()
+            self.observed.offered.lock().unwrap(),
+            self.observed.states.lock().unwrap(),
         )
     }
 
@@ -662,6 +686,7 @@ async fn ensure_subscriber(
                 PeerEvent::DataChannel(dc) => {
                     tokio::spawn(record_channel(dc, obs.clone()));
                 }
+                PeerEvent::State(state) => obs.record_state("subscriber", state),
                 _ => {}
             }
         }
