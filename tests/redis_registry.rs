@@ -345,3 +345,38 @@ async fn recv_payload(c: &mut switchboard::client::Client, want: &serde_json::Va
         }
     }
 }
+
+/// socketioxide sends CONNECT before the connection handler runs, and a client may send at
+/// once: its events wait until the connection is recorded and announced. Here recording takes
+/// long (Redis holds writes back), and the member's first message still follows its join.
+#[tokio::test]
+async fn a_message_sent_at_once_after_connecting_follows_the_join() {
+    let redis = Redis::start();
+    let mut config = common::test_config();
+    config.redis.url = redis.url();
+    config.redis.command_timeout_ms = 5000;
+    let server = switchboard::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    let mut b = join(addr, "b", Some("R")).await;
+
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(700)
+        .arg("WRITE")
+        .query(&mut redis.conn())
+        .unwrap();
+    let a = switchboard::client::Client::connect(addr, &common::query("a", Some("R")))
+        .await
+        .unwrap();
+    a.emit("msg", &json!({"type": "chat", "n": 1})).unwrap();
+
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let Packet::Event { args, .. } = b.recv_event("msg", WAIT).await.unwrap() else {
+            unreachable!()
+        };
+        seen.push(args[0]["type"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(seen, ["join", "chat"], "b sees a's join, then a's message");
+    server.shutdown().await;
+}

@@ -149,6 +149,7 @@ pub async fn on_media_event(
     ack: AckSender,
     incoming: super::incoming::Incoming,
 ) {
+    conn.ready().await;
     let result = match accept(&app, incoming) {
         Ok(payload) => media_event(&event, &s, &app, &conn, payload).await,
         Err(r) => Err(r),

@@ -40,6 +40,22 @@ pub struct Conn {
     pub token: String,
     /// Set when a newer connection of the same user took over: the room that one is in.
     replaced_by: Mutex<Option<Option<String>>>,
+    /// Set once `on_connect` has recorded the connection and announced it. socketioxide sends
+    /// CONNECT before it runs `on_connect` (on a task of its own), so a client's first events
+    /// can arrive earlier; their handlers wait for this instead of acting on a connection that
+    /// is not recorded yet.
+    set_up: tokio::sync::SetOnce<()>,
+}
+
+/// Longer than setting a connection up can take (a few registry commands, each bounded by
+/// `redis.command_timeout_ms`).
+const SET_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Conn {
+    /// Until the connection is set up (see `set_up`).
+    pub async fn ready(&self) {
+        self.set_up.wait().await;
+    }
 }
 
 pub(crate) type App = Arc<Signal>;
@@ -56,7 +72,10 @@ pub fn install(
     tokio::spawn(apply_remote(app, from_bus, reaped, from_sfu));
 }
 
-/// Connect middleware: a refused handshake gets `connect_error` with the reason.
+/// Connect middleware: a refused handshake gets `connect_error` with the reason. An accepted
+/// one gets its handlers here, before socketioxide sends CONNECT: it drops the events (and the
+/// disconnect) of a socket that has no handler for them yet, and the client may send as soon
+/// as it has CONNECT, before `on_connect` runs.
 async fn authenticate(s: SocketRef, State(app): State<App>) -> Result<(), String> {
     let query = s.req_parts().uri.query();
     let identity = handshake::identify(query).inspect_err(|e| debug!("handshake refused: {e}"))?;
@@ -66,16 +85,14 @@ async fn authenticate(s: SocketRef, State(app): State<App>) -> Result<(), String
         room_id: identity.room_id,
         token,
         replaced_by: Mutex::new(None),
+        set_up: tokio::sync::SetOnce::new(),
     }));
+    register_handlers(&s);
     Ok(())
 }
 
-async fn on_connect(s: SocketRef, State(app): State<App>) {
-    let Some(conn) = s.extensions.get::<Arc<Conn>>() else {
-        return;
-    };
-    // Handlers first: socketioxide has already sent CONNECT, and it drops the events (and the
-    // disconnect) of a socket that has no handler for them yet.
+/// Every handler that uses the connection's record waits for `Conn::ready` first.
+fn register_handlers(s: &SocketRef) {
     s.on("msg", on_msg);
     s.on("roomUserList", on_room_user_list);
     for kind in Directed::ALL {
@@ -85,6 +102,7 @@ async fn on_connect(s: SocketRef, State(app): State<App>) {
                   State(app): State<App>,
                   Extension(conn): Extension<Arc<Conn>>,
                   incoming: Incoming| async move {
+                conn.ready().await;
                 relay_directed(kind, &s, &app, &conn, incoming).await
             },
         );
@@ -94,6 +112,18 @@ async fn on_connect(s: SocketRef, State(app): State<App>) {
     }
     s.on_fallback(on_unknown);
     s.on_disconnect(on_disconnect);
+}
+
+async fn on_connect(s: SocketRef, State(app): State<App>) {
+    let Some(conn) = s.extensions.get::<Arc<Conn>>() else {
+        return;
+    };
+    set_up(&s, &app, &conn).await;
+    let _ = conn.set_up.set(());
+}
+
+/// Records the connection (the last one of a user wins) and announces it to the room.
+async fn set_up(s: &SocketRef, app: &App, conn: &Conn) {
     if let Some(room) = &conn.room_id {
         s.join(room_channel(room));
     }
@@ -107,14 +137,8 @@ async fn on_connect(s: SocketRef, State(app): State<App>) {
     if let Some(previous) = outbox.rooms.join(&conn.user_id, session).await {
         close_replaced(outbox.io(), previous.handle, conn.room_id.clone());
     }
-    if !s.connected() {
-        // Gone while joining: its disconnect may have run before the join was recorded.
-        outbox
-            .rooms
-            .leave(&conn.user_id, conn.room_id.as_deref(), &conn.token)
-            .await;
-        return;
-    }
+    // A socket gone meanwhile is still announced: its disconnect handler waits for this and
+    // then removes it, so the room sees join, then leave.
     if let Some(bus) = &outbox.bus {
         bus.publish(BusEvent::Replace {
             user_id: conn.user_id.clone(),
@@ -150,6 +174,15 @@ async fn on_disconnect(
     State(app): State<App>,
     Extension(conn): Extension<Arc<Conn>>,
 ) {
+    // A socket that closed while socketioxide was connecting it never gets `on_connect`, and
+    // has nothing to undo; the bound keeps this task from waiting for it forever.
+    if tokio::time::timeout(SET_UP_WAIT, conn.ready())
+        .await
+        .is_err()
+    {
+        debug!(user = %conn.user_id, sid = %s.id, "closed before it was set up");
+        return;
+    }
     s.leave_all();
     let room = conn.room_id.as_deref();
     // Rooms first: a media request racing this disconnect then sees the session gone and
@@ -194,6 +227,7 @@ async fn on_msg(
     Extension(conn): Extension<Arc<Conn>>,
     incoming: Incoming,
 ) {
+    conn.ready().await;
     let result = accept(&app, incoming).and_then(|payload| match &conn.room_id {
         Some(room) => Ok((room, payload)),
         None => Err(Refusal::NoRoom),
@@ -215,6 +249,7 @@ async fn on_room_user_list(
     ack: AckSender,
     incoming: Incoming,
 ) {
+    conn.ready().await;
     let asked = accept(&app, incoming).and_then(|payload| {
         let room = protocol::required_str(&payload, "roomId")?;
         match conn.room_id.as_deref() {
