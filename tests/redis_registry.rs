@@ -205,7 +205,8 @@ async fn sigterm_removes_the_nodes_entries_at_once() {
     let _b = join(node.addr, "b", None).await;
     assert_eq!(room_hash(&redis, "R"), vec![entry("a", "R")]);
     node.signal("-TERM");
-    assert!(node.wait().success());
+    let status = node.wait();
+    assert!(status.success(), "{status}: {}", node.log());
     assert!(room_hash(&redis, "R").is_empty());
     let users: Vec<String> = redis.conn().hkeys("switchboard:users").unwrap();
     assert!(users.is_empty(), "{users:?}");
