@@ -401,8 +401,16 @@ async fn members_joining_together_cost_each_subscriber_one_offer() {
         TestPeer::join_with(addr, "y", "R", 2, held()),
         TestPeer::join_with(addr, "z", "R", 3, held()),
     );
-    // Let their connections come up, then release the media of all three.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Once their connections are up, release the media of all three.
+    let connected = |p: &TestPeer| {
+        p.observed
+            .states
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s == "publisher Connected")
+    };
+    assert!(eventually(MEDIA_WAIT, || [&x, &y, &z].into_iter().all(connected)).await);
     go.notify_waiters();
     assert!(
         eventually(MEDIA_WAIT, || receives_exactly(
