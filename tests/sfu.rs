@@ -247,13 +247,14 @@ async fn a_late_joiner_gets_everything_and_leaving_removes_it_everywhere() {
         .iter()
         .map(|r| r.packets)
         .sum::<u64>();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        d.tracks_from("alice")
+        eventually(MEDIA_WAIT, || d
+            .tracks_from("alice")
             .iter()
             .map(|r| r.packets)
             .sum::<u64>()
-            > before,
+            > before)
+        .await,
         "alice still flows"
     );
     let unpublished: Vec<String> = d
