@@ -67,9 +67,14 @@ async fn main() -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     init_logging(config.server.log_format);
 
-    // Before start-up: a SIGTERM right after "listening" must shut down gracefully, not kill.
-    let stop = shutdown_signal();
-    let server = switchboard::Server::start(config).await?;
+    // Before start-up: a SIGTERM right after "listening" must shut down gracefully, not kill;
+    // one during a start-up that hangs (an unreachable Redis, say) ends the process.
+    let stop = shutdown_signal()?;
+    tokio::pin!(stop);
+    let server = tokio::select! {
+        started = switchboard::Server::start(config) => started?,
+        _ = &mut stop => return Ok(()),
+    };
     println!("listening on http://{}", server.local_addr());
 
     stop.await;
@@ -90,24 +95,24 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Installs the SIGINT/SIGTERM handlers now; the future ends at the first such signal.
+/// Installs the SIGINT/SIGTERM (Ctrl-C) handlers now; the future ends at the first signal.
 #[cfg(unix)]
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    async move {
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
         tokio::select! {
             _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
         }
-    }
+    })
 }
 
-#[cfg(not(unix))]
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    let ctrl_c = tokio::signal::ctrl_c();
-    async move {
-        let _ = ctrl_c.await;
-    }
+#[cfg(windows)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let mut ctrl_c = tokio::signal::windows::ctrl_c()?;
+    Ok(async move {
+        ctrl_c.recv().await;
+    })
 }

@@ -381,3 +381,41 @@ async fn a_message_sent_at_once_after_connecting_follows_the_join() {
     assert_eq!(seen, ["join", "chat"], "b sees a's join, then a's message");
     server.shutdown().await;
 }
+
+/// A client that leaves while its connection is still being recorded (Redis holds writes back)
+/// leaves nothing behind: once recorded, the connection is removed again, and the room sees its
+/// join, then its leave.
+#[tokio::test]
+async fn a_client_gone_before_its_connection_was_recorded_leaves_no_trace() {
+    let redis = Redis::start();
+    let mut config = common::test_config();
+    config.redis.url = redis.url();
+    config.redis.command_timeout_ms = 5000;
+    let server = switchboard::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    let mut b = join(addr, "b", Some("R")).await;
+
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(700)
+        .arg("WRITE")
+        .query(&mut redis.conn())
+        .unwrap();
+    let a = switchboard::client::Client::connect(addr, &common::query("a", Some("R")))
+        .await
+        .unwrap();
+    a.close();
+
+    let join = b.recv_msg_type("join", WAIT).await.unwrap();
+    assert_eq!(join["data"]["userId"], "a");
+    let leave = b.recv_msg_type("leave", WAIT).await.unwrap();
+    assert_eq!(leave["data"]["userId"], "a");
+    assert!(
+        eventually(WAIT, || room_hash(&redis, "R") == vec![entry("b", "R")]).await,
+        "{:?}",
+        room_hash(&redis, "R")
+    );
+    let users: Vec<String> = redis.conn().hkeys("switchboard:users").unwrap();
+    assert_eq!(users, ["b"]);
+    server.shutdown().await;
+}

@@ -149,7 +149,9 @@ pub async fn on_media_event(
     ack: AckSender,
     incoming: super::incoming::Incoming,
 ) {
-    conn.ready().await;
+    if !conn.ready().await {
+        return;
+    }
     let result = match accept(&app, incoming) {
         Ok(payload) => media_event(&event, &s, &app, &conn, payload).await,
         Err(r) => Err(r),

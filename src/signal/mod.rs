@@ -1,26 +1,27 @@
 //! The socket.io edge: handshake, the Part 1 events, and delivery between nodes.
 
+mod connection;
 pub mod deliver;
 pub mod handshake;
 pub mod incoming;
 pub mod media;
 pub mod protocol;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Serialize;
 use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, Event, Extension, SocketRef, State};
 use socketioxide::handler::ConnectHandler;
-use socketioxide::socket::{DisconnectReason, Sid};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::cluster::BusEvent;
-use crate::room::{Reaped, Session};
+use crate::room::Reaped;
 use crate::sfu::Sfu;
 use crate::sfu::api::SfuEvent;
-use deliver::{Outbox, room_channel};
+pub use connection::Conn;
+use deliver::Outbox;
 use incoming::Incoming;
 use protocol::{Directed, Refusal};
 
@@ -30,32 +31,6 @@ pub struct Signal {
     pub sfu: Arc<Sfu>,
     pub node_id: String,
     pub max_message_bytes: usize,
-}
-
-/// One connection, stored in its socket's extensions.
-#[derive(Debug)]
-pub struct Conn {
-    pub user_id: String,
-    pub room_id: Option<String>,
-    pub token: String,
-    /// Set when a newer connection of the same user took over: the room that one is in.
-    replaced_by: Mutex<Option<Option<String>>>,
-    /// Set once `on_connect` has recorded the connection and announced it. socketioxide sends
-    /// CONNECT before it runs `on_connect` (on a task of its own), so a client's first events
-    /// can arrive earlier; their handlers wait for this instead of acting on a connection that
-    /// is not recorded yet.
-    set_up: tokio::sync::SetOnce<()>,
-}
-
-/// Longer than setting a connection up can take (a few registry commands, each bounded by
-/// `redis.command_timeout_ms`).
-const SET_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-
-impl Conn {
-    /// Until the connection is set up (see `set_up`).
-    pub async fn ready(&self) {
-        self.set_up.wait().await;
-    }
 }
 
 pub(crate) type App = Arc<Signal>;
@@ -68,27 +43,8 @@ pub fn install(
     reaped: mpsc::UnboundedReceiver<Reaped>,
     from_sfu: mpsc::UnboundedReceiver<SfuEvent>,
 ) {
-    io.ns("/", on_connect.with(authenticate));
+    io.ns("/", connection::on_connect.with(connection::authenticate));
     tokio::spawn(apply_remote(app, from_bus, reaped, from_sfu));
-}
-
-/// Connect middleware: a refused handshake gets `connect_error` with the reason. An accepted
-/// one gets its handlers here, before socketioxide sends CONNECT: it drops the events (and the
-/// disconnect) of a socket that has no handler for them yet, and the client may send as soon
-/// as it has CONNECT, before `on_connect` runs.
-async fn authenticate(s: SocketRef, State(app): State<App>) -> Result<(), String> {
-    let query = s.req_parts().uri.query();
-    let identity = handshake::identify(query).inspect_err(|e| debug!("handshake refused: {e}"))?;
-    let token = format!("{}/{}", app.node_id, s.id);
-    s.extensions.insert(Arc::new(Conn {
-        user_id: identity.user_id,
-        room_id: identity.room_id,
-        token,
-        replaced_by: Mutex::new(None),
-        set_up: tokio::sync::SetOnce::new(),
-    }));
-    register_handlers(&s);
-    Ok(())
 }
 
 /// Every handler that uses the connection's record waits for `Conn::ready` first.
@@ -102,7 +58,9 @@ fn register_handlers(s: &SocketRef) {
                   State(app): State<App>,
                   Extension(conn): Extension<Arc<Conn>>,
                   incoming: Incoming| async move {
-                conn.ready().await;
+                if !conn.ready().await {
+                    return;
+                }
                 relay_directed(kind, &s, &app, &conn, incoming).await
             },
         );
@@ -111,97 +69,7 @@ fn register_handlers(s: &SocketRef) {
         s.on(event, media::on_media_event);
     }
     s.on_fallback(on_unknown);
-    s.on_disconnect(on_disconnect);
-}
-
-async fn on_connect(s: SocketRef, State(app): State<App>) {
-    let Some(conn) = s.extensions.get::<Arc<Conn>>() else {
-        return;
-    };
-    set_up(&s, &app, &conn).await;
-    let _ = conn.set_up.set(());
-}
-
-/// Records the connection (the last one of a user wins) and announces it to the room.
-async fn set_up(s: &SocketRef, app: &App, conn: &Conn) {
-    if let Some(room) = &conn.room_id {
-        s.join(room_channel(room));
-    }
-
-    let session = Session {
-        handle: s.id,
-        token: conn.token.clone(),
-        room_id: conn.room_id.clone(),
-    };
-    let outbox = &app.outbox;
-    if let Some(previous) = outbox.rooms.join(&conn.user_id, session).await {
-        close_replaced(outbox.io(), previous.handle, conn.room_id.clone());
-    }
-    // A socket gone meanwhile is still announced: its disconnect handler waits for this and
-    // then removes it, so the room sees join, then leave.
-    if let Some(bus) = &outbox.bus {
-        bus.publish(BusEvent::Replace {
-            user_id: conn.user_id.clone(),
-            token: conn.token.clone(),
-            room_id: conn.room_id.clone(),
-        });
-    }
-    info!(user = %conn.user_id, room = ?conn.room_id, sid = %s.id, transport = ?s.transport_type(), "join");
-    if let Some(room) = &conn.room_id {
-        outbox
-            .to_room(room, &protocol::join_envelope(&conn.user_id, room))
-            .await;
-    }
-}
-
-/// Tells a replaced connection why and closes it. Its disconnect then spares the newer one.
-fn close_replaced(io: &SocketIo, sid: Sid, new_room: Option<String>) {
-    let Some(old) = io.of("/").and_then(|ns| ns.get_socket(sid)) else {
-        return;
-    };
-    if let Some(conn) = old.extensions.get::<Arc<Conn>>() {
-        *conn.replaced_by.lock().unwrap() = Some(new_room);
-        info!(user = %conn.user_id, sid = %sid, "replaced by a newer connection");
-    }
-    old.leave_all();
-    let _ = old.emit("msg", &protocol::replaced_envelope());
-    let _ = old.disconnect();
-}
-
-async fn on_disconnect(
-    s: SocketRef,
-    reason: DisconnectReason,
-    State(app): State<App>,
-    Extension(conn): Extension<Arc<Conn>>,
-) {
-    // A socket that closed while socketioxide was connecting it never gets `on_connect`, and
-    // has nothing to undo; the bound keeps this task from waiting for it forever.
-    if tokio::time::timeout(SET_UP_WAIT, conn.ready())
-        .await
-        .is_err()
-    {
-        debug!(user = %conn.user_id, sid = %s.id, "closed before it was set up");
-        return;
-    }
-    s.leave_all();
-    let room = conn.room_id.as_deref();
-    // Rooms first: a media request racing this disconnect then sees the session gone and
-    // undoes what it started (see media::to_sfu).
-    app.outbox
-        .rooms
-        .leave(&conn.user_id, room, &conn.token)
-        .await;
-    app.sfu.leave(&conn.user_id, &conn.token).await;
-    let replaced_by = conn.replaced_by.lock().unwrap().clone();
-    info!(user = %conn.user_id, room = ?room, sid = %s.id, ?reason, replaced = replaced_by.is_some(), "leave");
-    let Some(room) = room else { return };
-    // A replacement in the same room means the user never left it.
-    if replaced_by.is_some_and(|new_room| new_room.as_deref() == Some(room)) {
-        return;
-    }
-    app.outbox
-        .to_room(room, &protocol::leave_envelope(&conn.user_id, room))
-        .await;
+    s.on_disconnect(connection::on_disconnect);
 }
 
 fn refuse(s: &SocketRef, event: &str, refusal: &Refusal) {
@@ -227,7 +95,9 @@ async fn on_msg(
     Extension(conn): Extension<Arc<Conn>>,
     incoming: Incoming,
 ) {
-    conn.ready().await;
+    if !conn.ready().await {
+        return;
+    }
     let result = accept(&app, incoming).and_then(|payload| match &conn.room_id {
         Some(room) => Ok((room, payload)),
         None => Err(Refusal::NoRoom),
@@ -249,7 +119,9 @@ async fn on_room_user_list(
     ack: AckSender,
     incoming: Incoming,
 ) {
-    conn.ready().await;
+    if !conn.ready().await {
+        return;
+    }
     let asked = accept(&app, incoming).and_then(|payload| {
         let room = protocol::required_str(&payload, "roomId")?;
         match conn.room_id.as_deref() {
@@ -345,7 +217,7 @@ async fn apply_remote(
                 }
                 BusEvent::Replace { user_id, token, room_id } => {
                     if let Some(old) = outbox.rooms.evict(&user_id, &token) {
-                        close_replaced(outbox.io(), old.handle, room_id);
+                        connection::close_replaced(outbox.io(), old.handle, room_id);
                     }
                 }
             },

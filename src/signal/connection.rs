@@ -1,0 +1,183 @@
+//! A connection's life: accepted (handlers registered), set up (recorded in the room registry
+//! and announced), torn down. socketioxide sends CONNECT before it runs `on_connect`, on a task
+//! of its own, so a client's first events and even its disconnect can come before the set-up:
+//! events wait for it, and whichever of set-up and disconnect comes second tears down.
+
+use std::sync::{Arc, Mutex};
+
+use socketioxide::SocketIo;
+use socketioxide::extract::{Extension, SocketRef, State};
+use socketioxide::socket::{DisconnectReason, Sid};
+use tracing::{debug, info};
+
+use super::deliver::room_channel;
+use super::{App, handshake, protocol, register_handlers};
+use crate::cluster::BusEvent;
+use crate::room::Session;
+
+/// One connection, stored in its socket's extensions.
+#[derive(Debug)]
+pub struct Conn {
+    pub user_id: String,
+    pub room_id: Option<String>,
+    pub token: String,
+    /// Set when a newer connection of the same user took over: the room that one is in.
+    replaced_by: Mutex<Option<Option<String>>>,
+    phase: Mutex<Phase>,
+    /// Set when the set-up is over: `true` once the connection is recorded and announced,
+    /// `false` if it closed first.
+    set_up: tokio::sync::SetOnce<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    SettingUp,
+    Ready,
+    /// Disconnected during the set-up: the set-up tears down when it ends.
+    ClosedEarly,
+}
+
+impl Conn {
+    /// Waits until the connection is set up; `false`: it closed first, leave it alone.
+    pub async fn ready(&self) -> bool {
+        *self.set_up.wait().await
+    }
+}
+
+/// Connect middleware: a refused handshake gets `connect_error` with the reason. An accepted
+/// one gets its handlers here, before socketioxide sends CONNECT: it drops the events (and the
+/// disconnect) of a socket that has no handler for them yet.
+pub async fn authenticate(s: SocketRef, State(app): State<App>) -> Result<(), String> {
+    let query = s.req_parts().uri.query();
+    let identity = handshake::identify(query).inspect_err(|e| debug!("handshake refused: {e}"))?;
+    let token = format!("{}/{}", app.node_id, s.id);
+    s.extensions.insert(Arc::new(Conn {
+        user_id: identity.user_id,
+        room_id: identity.room_id,
+        token,
+        replaced_by: Mutex::new(None),
+        phase: Mutex::new(Phase::SettingUp),
+        set_up: tokio::sync::SetOnce::new(),
+    }));
+    register_handlers(&s);
+    Ok(())
+}
+
+pub async fn on_connect(s: SocketRef, State(app): State<App>) {
+    let Some(conn) = s.extensions.get::<Arc<Conn>>() else {
+        return;
+    };
+    // Waiting events are released even if the set-up panics.
+    let release = ReleaseOnDrop(&conn);
+    set_up(&s, &app, &conn).await;
+    let closed_early = {
+        let mut phase = conn.phase.lock().unwrap();
+        if *phase == Phase::ClosedEarly {
+            true
+        } else {
+            *phase = Phase::Ready;
+            false
+        }
+    };
+    if closed_early {
+        tear_down(&s, &app, &conn, "closed while connecting").await;
+    } else {
+        let _ = conn.set_up.set(true);
+    }
+    drop(release);
+}
+
+struct ReleaseOnDrop<'a>(&'a Conn);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.set_up.set(false);
+    }
+}
+
+/// Records the connection (the last one of a user wins) and announces it to the room.
+async fn set_up(s: &SocketRef, app: &App, conn: &Conn) {
+    if let Some(room) = &conn.room_id {
+        s.join(room_channel(room));
+    }
+    let session = Session {
+        handle: s.id,
+        token: conn.token.clone(),
+        room_id: conn.room_id.clone(),
+    };
+    let outbox = &app.outbox;
+    if let Some(previous) = outbox.rooms.join(&conn.user_id, session).await {
+        close_replaced(outbox.io(), previous.handle, conn.room_id.clone());
+    }
+    if let Some(bus) = &outbox.bus {
+        bus.publish(BusEvent::Replace {
+            user_id: conn.user_id.clone(),
+            token: conn.token.clone(),
+            room_id: conn.room_id.clone(),
+        });
+    }
+    info!(user = %conn.user_id, room = ?conn.room_id, sid = %s.id, transport = ?s.transport_type(), "join");
+    if let Some(room) = &conn.room_id {
+        outbox
+            .to_room(room, &protocol::join_envelope(&conn.user_id, room))
+            .await;
+    }
+}
+
+/// Tells a replaced connection why and closes it. Its disconnect then spares the newer one.
+pub(super) fn close_replaced(io: &SocketIo, sid: Sid, new_room: Option<String>) {
+    let Some(old) = io.of("/").and_then(|ns| ns.get_socket(sid)) else {
+        return;
+    };
+    if let Some(conn) = old.extensions.get::<Arc<Conn>>() {
+        *conn.replaced_by.lock().unwrap() = Some(new_room);
+        info!(user = %conn.user_id, sid = %sid, "replaced by a newer connection");
+    }
+    old.leave_all();
+    let _ = old.emit("msg", &protocol::replaced_envelope());
+    let _ = old.disconnect();
+}
+
+pub async fn on_disconnect(
+    s: SocketRef,
+    reason: DisconnectReason,
+    State(app): State<App>,
+    Extension(conn): Extension<Arc<Conn>>,
+) {
+    {
+        let mut phase = conn.phase.lock().unwrap();
+        if *phase == Phase::SettingUp {
+            // The set-up tears down when it ends (if it runs at all: socketioxide skips
+            // `on_connect` when it could not send CONNECT). Events waiting for it give up.
+            *phase = Phase::ClosedEarly;
+            drop(phase);
+            let _ = conn.set_up.set(false);
+            debug!(user = %conn.user_id, sid = %s.id, ?reason, "closed while connecting");
+            return;
+        }
+    }
+    tear_down(&s, &app, &conn, &format!("{reason:?}")).await;
+}
+
+/// Removes the connection from its room, everywhere, and tells the room.
+async fn tear_down(s: &SocketRef, app: &App, conn: &Conn, reason: &str) {
+    s.leave_all();
+    let room = conn.room_id.as_deref();
+    // Rooms first: a media request racing this disconnect then sees the session gone and
+    // undoes what it started (see media::to_sfu).
+    app.outbox
+        .rooms
+        .leave(&conn.user_id, room, &conn.token)
+        .await;
+    app.sfu.leave(&conn.user_id, &conn.token).await;
+    let replaced_by = conn.replaced_by.lock().unwrap().clone();
+    info!(user = %conn.user_id, room = ?room, sid = %s.id, reason, replaced = replaced_by.is_some(), "leave");
+    let Some(room) = room else { return };
+    // A replacement in the same room means the user never left it.
+    if replaced_by.is_some_and(|new_room| new_room.as_deref() == Some(room)) {
+        return;
+    }
+    app.outbox
+        .to_room(room, &protocol::leave_envelope(&conn.user_id, room))
+        .await;
+}
