@@ -26,7 +26,7 @@ pub struct Conn {
     phase: Mutex<Phase>,
     /// Set when the set-up is over: `true` once the connection is recorded and announced,
     /// `false` if it closed first.
-    set_up: tokio::sync::SetOnce<bool>,
+    settled: tokio::sync::SetOnce<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ enum Phase {
 impl Conn {
     /// Waits until the connection is set up; `false`: it closed first, leave it alone.
     pub async fn ready(&self) -> bool {
-        *self.set_up.wait().await
+        *self.settled.wait().await
     }
 }
 
@@ -57,7 +57,7 @@ pub async fn authenticate(s: SocketRef, State(app): State<App>) -> Result<(), St
         token,
         replaced_by: Mutex::new(None),
         phase: Mutex::new(Phase::SettingUp),
-        set_up: tokio::sync::SetOnce::new(),
+        settled: tokio::sync::SetOnce::new(),
     }));
     register_handlers(&s);
     Ok(())
@@ -82,7 +82,7 @@ pub async fn on_connect(s: SocketRef, State(app): State<App>) {
     if closed_early {
         tear_down(&s, &app, &conn, "closed while connecting").await;
     } else {
-        let _ = conn.set_up.set(true);
+        let _ = conn.settled.set(true);
     }
     drop(release);
 }
@@ -91,7 +91,7 @@ struct ReleaseOnDrop<'a>(&'a Conn);
 
 impl Drop for ReleaseOnDrop<'_> {
     fn drop(&mut self) {
-        let _ = self.0.set_up.set(false);
+        let _ = self.0.settled.set(false);
     }
 }
 
@@ -151,7 +151,7 @@ pub async fn on_disconnect(
             // `on_connect` when it could not send CONNECT). Events waiting for it give up.
             *phase = Phase::ClosedEarly;
             drop(phase);
-            let _ = conn.set_up.set(false);
+            let _ = conn.settled.set(false);
             debug!(user = %conn.user_id, sid = %s.id, ?reason, "closed while connecting");
             return;
         }
