@@ -347,19 +347,21 @@ async fn recv_payload(c: &mut switchboard::client::Client, want: &serde_json::Va
     }
 }
 
-/// socketioxide sends CONNECT before the connection handler runs, and a client may send at
-/// once: its events wait until the connection is recorded and announced. Here recording takes
-/// long (Redis holds writes back), and the member's first message still follows its join.
-#[tokio::test]
-async fn a_message_sent_at_once_after_connecting_follows_the_join() {
+/// b in room R; then Redis holds writes back for 700 ms and a connects to R: a's connection is
+/// up (CONNECT received) while the server is still recording it.
+async fn connect_while_redis_holds_writes_back() -> (
+    Redis,
+    switchboard::Server,
+    switchboard::client::Client,
+    switchboard::client::Client,
+) {
     let redis = Redis::start();
     let mut config = common::test_config();
     config.redis.url = redis.url();
     config.redis.command_timeout_ms = 5000;
     let server = switchboard::Server::start(config).await.unwrap();
     let addr = server.local_addr();
-    let mut b = join(addr, "b", Some("R")).await;
-
+    let b = join(addr, "b", Some("R")).await;
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
         .arg(700)
@@ -369,6 +371,16 @@ async fn a_message_sent_at_once_after_connecting_follows_the_join() {
     let a = switchboard::client::Client::connect(addr, &common::query("a", Some("R")))
         .await
         .unwrap();
+    (redis, server, b, a)
+}
+
+/// socketioxide sends CONNECT before the connection handler runs, and a client may send at
+/// once: its events wait until the connection is recorded and announced. Here recording takes
+/// long (Redis holds writes back), and the member's first message still follows its join.
+#[tokio::test]
+async fn a_message_sent_at_once_after_connecting_follows_the_join() {
+    // Kept to the end: dropping it stops redis-server.
+    let (_redis, server, mut b, a) = connect_while_redis_holds_writes_back().await;
     a.emit("msg", &json!({"type": "chat", "n": 1})).unwrap();
 
     let mut seen = Vec::new();
@@ -387,23 +399,7 @@ async fn a_message_sent_at_once_after_connecting_follows_the_join() {
 /// join, then its leave.
 #[tokio::test]
 async fn a_client_gone_before_its_connection_was_recorded_leaves_no_trace() {
-    let redis = Redis::start();
-    let mut config = common::test_config();
-    config.redis.url = redis.url();
-    config.redis.command_timeout_ms = 5000;
-    let server = switchboard::Server::start(config).await.unwrap();
-    let addr = server.local_addr();
-    let mut b = join(addr, "b", Some("R")).await;
-
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(700)
-        .arg("WRITE")
-        .query(&mut redis.conn())
-        .unwrap();
-    let a = switchboard::client::Client::connect(addr, &common::query("a", Some("R")))
-        .await
-        .unwrap();
+    let (redis, server, mut b, a) = connect_while_redis_holds_writes_back().await;
     a.close();
 
     let join = b.recv_msg_type("join", WAIT).await.unwrap();
