@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use std::sync::Arc;
 
 use common::peer::{MediaShape, Options, TestPeer, payload};
-use common::{Process, eventually, http_get, start};
+use common::{Process, eventually, healthz, start};
 
 const MEDIA_WAIT: Duration = Duration::from_secs(20);
 
@@ -446,15 +446,12 @@ async fn server_resources(node: &Process) -> (usize, u64, u64) {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0);
-    let health: serde_json::Value =
-        serde_json::from_str(&http_get(&format!("http://{}/healthz", node.addr)).await).unwrap();
+    let health = healthz(node.addr).await;
     (fds, rss, health["tasks"].as_u64().unwrap())
 }
 
 async fn media_sessions(node: &Process) -> u64 {
-    let health: serde_json::Value =
-        serde_json::from_str(&http_get(&format!("http://{}/healthz", node.addr)).await).unwrap();
-    health["mediaSessions"].as_u64().unwrap()
+    healthz(node.addr).await["mediaSessions"].as_u64().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -905,8 +902,7 @@ async fn a_lagging_subscriber_misses_data_messages_instead_of_growing_memory() {
         "carol got {:?} of {MESSAGES}",
         alice_chat_binaries(&c)
     );
-    let health: serde_json::Value =
-        serde_json::from_str(&http_get(&format!("http://{addr}/healthz")).await).unwrap();
+    let health = healthz(addr).await;
     let dropped = health["dataMessagesDropped"].as_u64().unwrap();
     assert!(
         dropped > 0 && dropped < MESSAGES as u64,

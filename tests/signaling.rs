@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{QUIET, WAIT, http_get, join, query, start};
+use common::{QUIET, WAIT, healthz, join, query, start};
 use serde_json::{Value, json};
 use switchboard::client::{Client, ClientError, Packet};
 
@@ -449,11 +449,9 @@ async fn thousands_of_rapid_connects_and_disconnects_leave_nothing_behind() {
         r#"["msg","ok"]"#
     );
 
-    let healthz = format!("http://{addr}/healthz");
     let settled = async {
         loop {
-            let body = http_get(&healthz).await;
-            let v: Value = serde_json::from_str(&body).unwrap();
+            let v = healthz(addr).await;
             if v["connections"] == 2 {
                 return v;
             }

@@ -270,6 +270,11 @@ impl Drop for Process {
 }
 
 /// A tiny HTTP/1.1 GET over loopback, to avoid an HTTP client dependency in tests.
+/// The server's `/healthz` document.
+pub async fn healthz(addr: SocketAddr) -> serde_json::Value {
+    serde_json::from_str(&http_get(&format!("http://{addr}/healthz")).await).unwrap()
+}
+
 pub async fn http_get(url: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").unwrap();

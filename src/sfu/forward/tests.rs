@@ -37,6 +37,16 @@ fn down(id: DownTrackId, pt: u8) -> DownTrackConfig {
 /// What the sinks received: (sink id, header).
 type Sent = Vec<(u64, RtpHeader, Bytes)>;
 
+/// Simulcast layers q (SSRC 100) and f (SSRC 300), and down-track 1 (sink 1) with the default
+/// wish (high).
+fn q_and_f_layers_to_one_subscriber() -> TrackForwarder<u64> {
+    let mut f = TrackForwarder::new(Codec::Vp8);
+    f.add_layer(100, Some("q"));
+    f.add_layer(300, Some("f"));
+    f.add_down_track(down(1, 96), 1);
+    f
+}
+
 fn run(f: &mut TrackForwarder<u64>, p: &RtpPacket, now: Instant, sent: &mut Sent) -> Option<u32> {
     f.forward(p, now, |sink, h, payload| {
         sent.push((*sink, h.clone(), payload.clone()))
@@ -249,10 +259,7 @@ fn a_simulcast_layer_switch_keeps_the_output_continuous() {
 
 #[test]
 fn an_inactive_layer_falls_back_to_the_best_active_one() {
-    let mut f = TrackForwarder::new(Codec::Vp8);
-    f.add_layer(100, Some("q"));
-    f.add_layer(300, Some("f"));
-    f.add_down_track(down(1, 96), 1); // wants high
+    let mut f = q_and_f_layers_to_one_subscriber(); // it wants high
     let t0 = Instant::now();
     let mut sent = Sent::new();
     run(&mut f, &pkt(300, 1, 0, VP8_KEY), t0, &mut sent);
@@ -441,10 +448,7 @@ fn malformed_and_unknown_packets_are_counted_never_a_panic() {
 
 #[test]
 fn subscriber_keyframe_requests_go_to_the_forwarded_layer_throttled() {
-    let mut f = TrackForwarder::new(Codec::Vp8);
-    f.add_layer(100, Some("q"));
-    f.add_layer(300, Some("f"));
-    f.add_down_track(down(1, 96), 1);
+    let mut f = q_and_f_layers_to_one_subscriber();
     let t0 = Instant::now();
     let mut sent = Sent::new();
     run(&mut f, &pkt(100, 1, 0, VP8_KEY), t0, &mut sent);
@@ -494,10 +498,7 @@ fn a_long_stream_keeps_flowing_past_the_sequence_number_half_range() {
 
 #[test]
 fn a_renegotiation_keeps_the_subscribers_layer_choice() {
-    let mut f = TrackForwarder::new(Codec::Vp8);
-    f.add_layer(100, Some("q"));
-    f.add_layer(300, Some("f"));
-    f.add_down_track(down(1, 96), 1);
+    let mut f = q_and_f_layers_to_one_subscriber();
     f.set_quality(1, Quality::Low);
     // A later answer re-applies payload type and extension ids from a config that still says
     // the default (high); the subscriber asked for low and keeps it.
