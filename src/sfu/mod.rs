@@ -3,7 +3,9 @@
 //! forwards every packet it receives to the participants that want it.
 
 pub mod api;
+pub mod egress;
 pub mod forward;
+pub mod io;
 pub mod session;
 
 use std::collections::HashMap;

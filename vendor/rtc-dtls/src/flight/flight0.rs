@@ -111,9 +111,12 @@ impl Flight for Flight0 {
                         }
                     }
                     Extension::UseSrtp(e) => {
+                        // switchboard patch: the server's order of preference decides (as
+                        // BoringSSL's does), so a server that ranks AEAD_AES_128_GCM first gets it
+                        // from a client that lists AES_CM_128_HMAC_SHA1_80 first (Chromium).
                         if let Ok(profile) = find_matching_srtp_profile(
-                            &e.protection_profiles,
                             &cfg.local_srtp_protection_profiles,
+                            &e.protection_profiles,
                         ) {
                             state.srtp_protection_profile = profile;
                         } else {

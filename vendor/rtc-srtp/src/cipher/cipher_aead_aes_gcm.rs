@@ -57,6 +57,24 @@ impl Cipher for CipherAeadAesGcm {
         Ok(writer)
     }
 
+    fn encrypt_rtp_in_place(
+        &mut self,
+        packet: &mut Vec<u8>,
+        header_len: usize,
+        ssrc: u32,
+        sequence_number: u16,
+        roc: u32,
+    ) -> Result<()> {
+        let nonce = self.rtp_iv(ssrc, sequence_number, roc);
+        let (aad, plaintext) = packet.split_at_mut(header_len);
+        let mut tag = [0; CIPHER_AEAD_AES_GCM_AUTH_TAG_LEN];
+        self.srtp_cipher
+            .seal_in_place(&nonce, aad, plaintext, &mut tag)
+            .map_err(crypto_error)?;
+        packet.extend_from_slice(&tag);
+        Ok(())
+    }
+
     fn decrypt_rtp(
         &mut self,
         ciphertext: &[u8],
@@ -236,10 +254,15 @@ impl CipherAeadAesGcm {
     ///
     /// https://tools.ietf.org/html/rfc7714#section-8.1
     pub(crate) fn rtp_initialization_vector(&self, header: &rtp::Header, roc: u32) -> [u8; 12] {
+        self.rtp_iv(header.ssrc, header.sequence_number, roc)
+    }
+
+    /// switchboard patch: [`Self::rtp_initialization_vector`] from the header's two fields.
+    fn rtp_iv(&self, ssrc: u32, sequence_number: u16, roc: u32) -> [u8; 12] {
         let mut iv = [0u8; 12];
-        BigEndian::write_u32(&mut iv[2..], header.ssrc);
+        BigEndian::write_u32(&mut iv[2..], ssrc);
         BigEndian::write_u32(&mut iv[6..], roc);
-        BigEndian::write_u16(&mut iv[10..], header.sequence_number);
+        BigEndian::write_u16(&mut iv[10..], sequence_number);
 
         for (i, v) in iv.iter_mut().enumerate() {
             *v ^= self.srtp_session_salt[i];

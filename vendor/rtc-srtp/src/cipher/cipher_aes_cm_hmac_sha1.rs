@@ -197,6 +197,23 @@ impl Cipher for CipherAesCmHmacSha1 {
         Ok(writer)
     }
 
+    fn encrypt_rtp_in_place(
+        &mut self,
+        packet: &mut Vec<u8>,
+        header_len: usize,
+        ssrc: u32,
+        sequence_number: u16,
+        roc: u32,
+    ) -> Result<()> {
+        let counter = generate_counter(sequence_number, roc, ssrc, &self.srtp_session_salt);
+        self.srtp_cipher
+            .apply_keystream(&counter, &mut packet[header_len..])
+            .map_err(crypto_error)?;
+        let full_auth_tag = self.generate_srtp_auth_tag(packet, roc)?;
+        packet.extend_from_slice(&full_auth_tag[..self.rtp_auth_tag_len()]);
+        Ok(())
+    }
+
     fn decrypt_rtp(
         &mut self,
         encrypted: &[u8],

@@ -53,6 +53,18 @@ pub(crate) trait Cipher: Send {
     /// Encrypt RTP payload.
     fn encrypt_rtp(&mut self, payload: &[u8], header: &rtp::Header, roc: u32) -> Result<BytesMut>;
 
+    /// switchboard patch: encrypts the RTP packet in `packet` (header and payload) in place and
+    /// appends the auth tag, without allocating. `header_len` is the header's length, CSRCs and
+    /// extensions included.
+    fn encrypt_rtp_in_place(
+        &mut self,
+        packet: &mut Vec<u8>,
+        header_len: usize,
+        ssrc: u32,
+        sequence_number: u16,
+        roc: u32,
+    ) -> Result<()>;
+
     /// Decrypt RTP payload.
     fn decrypt_rtp(&mut self, payload: &[u8], header: &rtp::Header, roc: u32) -> Result<BytesMut>;
 

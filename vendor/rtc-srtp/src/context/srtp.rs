@@ -88,6 +88,34 @@ impl Context {
         Ok(dst)
     }
 
+    /// switchboard patch: protects the RTP packet in `packet` (header and payload) in place and
+    /// appends the auth tag, so that a caller who reuses its buffers protects without
+    /// allocating (an SFU forwarding one packet to many subscribers). `header_len` is the
+    /// length of the packet's header, CSRCs and extensions included. Same output as
+    /// [`Context::encrypt_rtp`].
+    ///
+    /// # Errors
+    ///
+    /// Fails if the packet is shorter than `header_len` or an RTP header, or the cipher fails.
+    pub fn encrypt_rtp_in_place(&mut self, packet: &mut Vec<u8>, header_len: usize) -> Result<()> {
+        if header_len < 12 || packet.len() < header_len {
+            return Err(Error::ErrTooShortRtp);
+        }
+        let sequence_number = u16::from_be_bytes([packet[2], packet[3]]);
+        let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+        let (roc, diff, ovf) = self
+            .get_srtp_ssrc_state(ssrc)
+            .next_rollover_count(sequence_number);
+        if ovf {
+            return Err(Error::ErrExceededMaxPackets);
+        }
+        self.cipher
+            .encrypt_rtp_in_place(packet, header_len, ssrc, sequence_number, roc)?;
+        self.get_srtp_ssrc_state(ssrc)
+            .update_rollover_count(sequence_number, diff);
+        Ok(())
+    }
+
     /// EncryptRTP marshals and encrypts an RTP packet, writing to the dst buffer provided.
     /// If the dst buffer does not have the capacity to hold `len(plaintext) + 10` bytes, a new one will be allocated and returned.
     pub fn encrypt_rtp(&mut self, plaintext: &[u8]) -> Result<BytesMut> {

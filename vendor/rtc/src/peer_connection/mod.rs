@@ -248,8 +248,11 @@ pub(crate) mod handler;
 mod internal;
 pub mod message;
 pub mod sdp;
+mod srtp_egress;
 pub mod state;
 pub mod transport;
+
+pub use srtp_egress::RTCSrtpEgress;
 
 use crate::data_channel::init::RTCDataChannelInit;
 use crate::data_channel::parameters::DataChannelParameters;

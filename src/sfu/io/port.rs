@@ -1,0 +1,124 @@
+//! The one media port: a UDP socket per event loop, all bound to the same address
+//! (`SO_REUSEPORT` when there are several), and never shared with another process.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Socket buffers large enough for bursts of many subscribers' packets (the kernel may cap
+/// them at `net.core.{r,w}mem_max` unless the process may exceed it).
+const SOCKET_BUFFER_BYTES: usize = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error(
+        "media port {0} is in use by another process (another switchboard?): choose another media.udp_port"
+    )]
+    InUse(SocketAddr),
+    #[error("cannot bind the media port {0}: {1}")]
+    Bind(SocketAddr, io::Error),
+}
+
+/// Binds `count` sockets to `addr` (port 0: any free port, the same for all of them).
+///
+/// A port someone else holds is refused: the first bind is exclusive, and only once it has
+/// succeeded is the port handed to this process's own `SO_REUSEPORT` group. (Between those two
+/// binds, microseconds apart, a second server starting at the same instant could still slip in.)
+pub fn bind(addr: SocketAddr, count: usize) -> Result<Vec<UdpSocket>, PortError> {
+    let exclusive = new_socket(addr, false)?;
+    let bound = exclusive
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(addr);
+    if count <= 1 {
+        return Ok(vec![exclusive.into()]);
+    }
+    drop(exclusive);
+    (0..count)
+        .map(|_| new_socket(bound, true).map(UdpSocket::from))
+        .collect()
+}
+
+fn new_socket(addr: SocketAddr, reuse_port: bool) -> Result<Socket, PortError> {
+    let err = |e| PortError::Bind(addr, e);
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(err)?;
+    }
+    socket.set_nonblocking(true).map_err(err)?;
+    grow_buffers(&socket);
+    match socket.bind(&addr.into()) {
+        Ok(()) => Ok(socket),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(PortError::InUse(addr)),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Larger receive and send buffers: beyond the system's cap when the process may (as root in a
+/// container or test namespace), else up to it.
+fn grow_buffers(socket: &Socket) {
+    use std::os::fd::AsRawFd;
+    let bytes = SOCKET_BUFFER_BYTES as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        // SAFETY: int options on a valid socket.
+        let forced = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                force,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as _,
+            )
+        } == 0;
+        if !forced {
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    plain,
+                    (&bytes as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as _,
+                )
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_sockets_share_one_port() {
+        let sockets = bind("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let ports: Vec<u16> = sockets
+            .iter()
+            .map(|s| s.local_addr().unwrap().port())
+            .collect();
+        assert_ne!(ports[0], 0);
+        assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
+    }
+
+    #[test]
+    fn a_port_in_use_is_refused_with_a_clear_error() {
+        for count in [1, 2] {
+            let first = bind("127.0.0.1:0".parse().unwrap(), count).unwrap();
+            let addr = first[0].local_addr().unwrap();
+            for again in [1, 2] {
+                let err = bind(addr, again).unwrap_err();
+                assert!(matches!(err, PortError::InUse(a) if a == addr), "{err}");
+                assert!(err.to_string().contains("in use"), "{err}");
+            }
+            // A plain socket of another program, too.
+            let plain = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let err = bind(plain.local_addr().unwrap(), count).unwrap_err();
+            assert!(matches!(err, PortError::InUse(_)), "{err}");
+        }
+    }
+}
