@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::json;
-use switchboard::client::{Client, Packet};
+use switchboard::load::signaling::{Client, Packet};
 
 #[derive(Parser, Debug)]
 struct Args {

@@ -69,8 +69,8 @@ impl RedisConfig {
 pub struct MediaConfig {
     pub ip: std::net::IpAddr,
     pub public_ip: String,
-    pub udp_port_min: u16,
-    pub udp_port_max: u16,
+    pub udp_port: u16,
+    pub loops: usize,
     pub ice_servers: Vec<IceServer>,
     pub ice_disconnected_ms: u64,
     pub ice_failed_ms: u64,
@@ -83,10 +83,17 @@ impl MediaConfig {
         Some(self.public_ip.trim()).filter(|s| !s.is_empty())
     }
 
-    /// The UDP port range, if one is set.
-    pub fn udp_ports(&self) -> Option<(u16, u16)> {
-        (self.udp_port_min != 0 || self.udp_port_max != 0)
-            .then_some((self.udp_port_min, self.udp_port_max))
+    /// The address to advertise in candidates instead of `ip`, if one is set.
+    pub fn advertised_ip(&self) -> Option<std::net::IpAddr> {
+        self.public_ip().and_then(|ip| ip.parse().ok())
+    }
+
+    /// Media event loops: `loops`, or one per core when 0.
+    pub fn loops(&self) -> usize {
+        match self.loops {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
     }
 }
 
@@ -109,7 +116,8 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     pub media_ip: Option<std::net::IpAddr>,
     pub public_ip: Option<String>,
-    pub udp_ports: Option<(u16, u16)>,
+    pub udp_port: Option<u16>,
+    pub media_loops: Option<usize>,
 }
 
 impl Config {
@@ -152,17 +160,17 @@ impl Config {
         if let Some(v) = &o.public_ip {
             figment = figment.merge(Serialized::default("media.public_ip", v));
         }
-        if let Some((min, max)) = o.udp_ports {
-            figment = figment
-                .merge(Serialized::default("media.udp_port_min", min))
-                .merge(Serialized::default("media.udp_port_max", max));
+        if let Some(v) = &o.udp_port {
+            figment = figment.merge(Serialized::default("media.udp_port", v));
+        }
+        if let Some(v) = &o.media_loops {
+            figment = figment.merge(Serialized::default("media.loops", v));
         }
         let config: Config = figment.extract().map_err(Box::new)?;
-        if let Some((min, max)) = config.media.udp_ports()
-            && (min == 0 || min > max)
-        {
+        if !config.media.public_ip.trim().is_empty() && config.media.advertised_ip().is_none() {
             return Err(Box::new(figment::Error::from(format!(
-                "media.udp_port_min..udp_port_max must be a range of ports, got {min}..{max}"
+                "media.public_ip must be an IP address, got {:?}",
+                config.media.public_ip
             ))));
         }
         Ok(config)
@@ -185,7 +193,9 @@ mod tests {
         assert_eq!(c.redis.url(), None);
         assert_eq!(c.server.log_format, LogFormat::Text);
         assert_eq!(c.media.ip.to_string(), "127.0.0.1");
-        assert_eq!((c.media.public_ip(), c.media.udp_ports()), (None, None));
+        assert_eq!((c.media.public_ip(), c.media.udp_port), (None, 7882));
+        assert_eq!(c.media.loops, 0);
+        assert!(c.media.loops() >= 1);
         assert!(c.media.ice_servers.is_empty());
         assert_eq!(c.media.data_channel_buffer_bytes, 16 << 20);
     }
@@ -200,23 +210,24 @@ mod tests {
             let cli = Overrides {
                 media_ip: Some("10.1.2.3".parse().unwrap()),
                 public_ip: Some("203.0.113.7".into()),
-                udp_ports: Some((40000, 40100)),
+                udp_port: Some(40000),
+                media_loops: Some(3),
                 ..Default::default()
             };
             let c = Config::load(Some(Path::new("m.toml")), &cli).map_err(|e| *e)?;
             assert_eq!(c.media.ip.to_string(), "10.1.2.3");
             assert_eq!(c.media.public_ip(), Some("203.0.113.7"));
-            assert_eq!(c.media.udp_ports(), Some((40000, 40100)));
+            assert_eq!((c.media.udp_port, c.media.loops()), (40000, 3));
             assert_eq!(c.media.ice_servers[0].urls, ["turn:t.example:3478"]);
             let bad = Overrides {
-                udp_ports: Some((500, 100)),
+                public_ip: Some("not-an-ip".into()),
                 ..Default::default()
             };
             assert!(
                 Config::load(None, &bad)
                     .unwrap_err()
                     .to_string()
-                    .contains("range")
+                    .contains("public_ip")
             );
             Ok(())
         });

@@ -2,10 +2,10 @@
 //! original Node.js signaling server. [`Server`] runs it in-process (tests use ephemeral ports);
 //! `src/main.rs` is only the command line around it.
 
-pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod load;
 pub mod room;
 pub mod sfu;
 pub mod signal;
@@ -67,7 +67,7 @@ impl Server {
             Box::new(move |user: &str, session: &str| sessions.is_current(user, session));
         let signal = Arc::new(Signal {
             outbox: Outbox::new(rooms, bus),
-            sfu: Sfu::new(config.media.clone(), sfu_tx, is_current),
+            sfu: Sfu::start(&config.media, sfu_tx, is_current)?,
             node_id: node_id.clone(),
             max_message_bytes: config.signal.max_message_bytes,
         });

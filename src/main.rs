@@ -32,15 +32,12 @@ struct Cli {
     /// Public address to advertise behind a 1:1 NAT.
     #[arg(long)]
     public_ip: Option<String>,
-    /// UDP port range for media, MIN-MAX.
-    #[arg(long, value_parser = parse_port_range)]
-    udp_ports: Option<(u16, u16)>,
-}
-
-fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let (min, max) = s.split_once('-').ok_or("expected MIN-MAX")?;
-    let port = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p}: {e}"));
-    Ok((port(min)?, port(max)?))
+    /// The one UDP port for all media [default: 7882; 0: any free port].
+    #[arg(long)]
+    udp_port: Option<u16>,
+    /// Media event loops (threads) [default: one per core].
+    #[arg(long)]
+    media_loops: Option<usize>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -62,7 +59,8 @@ async fn main() -> anyhow::Result<()> {
         }),
         media_ip: cli.media_ip,
         public_ip: cli.public_ip,
-        udp_ports: cli.udp_ports,
+        udp_port: cli.udp_port,
+        media_loops: cli.media_loops,
     };
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     init_logging(config.server.log_format);
@@ -85,7 +83,9 @@ async fn main() -> anyhow::Result<()> {
 /// `RUST_LOG` filters; the default keeps webrtc and socket.io internals quiet.
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,socketioxide=warn,engineioxide=warn"));
+        // switchboard's own info; other crates' warnings only (webrtc-rs logs every
+        // connection's state changes at info).
+        .unwrap_or_else(|_| EnvFilter::new("warn,switchboard=info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

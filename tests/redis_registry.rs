@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use common::{Process, QUIET, Redis, WAIT, eventually, join, start_with_redis};
 use redis::Commands;
 use serde_json::json;
-use switchboard::client::Packet;
+use switchboard::load::signaling::Packet;
 
 fn room_hash(redis: &Redis, room: &str) -> Vec<(String, String)> {
     redis
@@ -337,7 +337,10 @@ async fn a_frozen_redis_never_stalls_signaling_for_long() {
 }
 
 /// Waits for a relayed `msg` whose payload is `want`, skipping envelopes.
-async fn recv_payload(c: &mut switchboard::client::Client, want: &serde_json::Value) -> bool {
+async fn recv_payload(
+    c: &mut switchboard::load::signaling::Client,
+    want: &serde_json::Value,
+) -> bool {
     loop {
         match c.recv_event("msg", WAIT).await {
             Ok(Packet::Event { args, .. }) if &args[0] == want => return true,
@@ -352,8 +355,8 @@ async fn recv_payload(c: &mut switchboard::client::Client, want: &serde_json::Va
 async fn connect_while_redis_holds_writes_back() -> (
     Redis,
     switchboard::Server,
-    switchboard::client::Client,
-    switchboard::client::Client,
+    switchboard::load::signaling::Client,
+    switchboard::load::signaling::Client,
 ) {
     let redis = Redis::start();
     let mut config = common::test_config();
@@ -368,7 +371,7 @@ async fn connect_while_redis_holds_writes_back() -> (
         .arg("WRITE")
         .query(&mut redis.conn())
         .unwrap();
-    let a = switchboard::client::Client::connect(addr, &common::query("a", Some("R")))
+    let a = switchboard::load::signaling::Client::connect(addr, &common::query("a", Some("R")))
         .await
         .unwrap();
     (redis, server, b, a)

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{QUIET, WAIT, healthz, join, query, start};
 use serde_json::{Value, json};
-use switchboard::client::{Client, ClientError, Packet};
+use switchboard::load::signaling::{Client, ClientError, Packet};
 
 fn raw_of(p: &Packet) -> &str {
     match p {

@@ -36,6 +36,22 @@ pub fn router(signal: Arc<Signal>, ice_servers: Vec<IceServer>) -> Router {
         })
 }
 
+/// The media plane's counters.
+fn media_stats(sfu: &crate::sfu::Sfu) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = sfu.stats();
+    json!({
+        "port": sfu.media_addr().port(),
+        "datagramsIn": s.datagrams_in.load(Relaxed),
+        "datagramsOut": s.datagrams_out.load(Relaxed),
+        "sendCalls": s.send_calls.load(Relaxed),
+        "gsoMessages": s.gso_messages.load(Relaxed),
+        "sendFailures": s.send_failures.load(Relaxed),
+        "unrouted": s.unrouted.load(Relaxed),
+        "handedOver": s.handed_over.load(Relaxed),
+    })
+}
+
 async fn demo() -> Html<&'static str> {
     Html(DEMO_PAGE)
 }
@@ -54,6 +70,8 @@ async fn healthz(State(http): State<Http>) -> Json<Value> {
         "connections": signal.outbox.rooms.local_count(),
         "mediaSessions": signal.sfu.member_count(),
         "dataMessagesDropped": signal.sfu.data_messages_dropped(),
+        "media": media_stats(&signal.sfu),
+        "pid": std::process::id(),
         "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
     }))
 }

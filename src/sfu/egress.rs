@@ -1,10 +1,30 @@
-//! The lean send path of forwarded RTP: the rewritten header and the shared payload are written
-//! into a reused buffer and protected there with the subscriber connection's SRTP context, with
-//! no trip through webrtc's handler pipeline and interceptors (see vendor/rtc/PATCH.md).
+//! The lean send path of a subscriber connection. Forwarded RTP is written (rewritten header,
+//! shared payload) into a reused buffer and protected there with the connection's SRTP context,
+//! with no trip through webrtc's handler pipeline and interceptors (see vendor/rtc/PATCH.md).
+//! Since the interceptors never see these packets, this also keeps what they would have: a
+//! retransmission buffer that answers the subscriber's NACKs, and the sender reports.
 
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use rtc::rtcp::sender_report::SenderReport;
+use rtc::shared::marshal::Marshal;
 use rtc::srtp::context::Context;
+use slab::Slab;
 
 use super::forward::{RtpHeader, write_header};
+use super::io::SendBatch;
+
+/// Packets a video down-track keeps for retransmission: 2.5 s of 200 packets/s video.
+const HISTORY: usize = 512;
+/// Longest header kept for retransmission (fixed part, one-byte extensions of the forwarded
+/// kinds); a longer one is sent but not kept.
+const MAX_KEPT_HEADER: usize = 64;
+/// Sender reports go out about this often per down-track (RFC 3550 allows 5 s; browsers use 1 s).
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Seconds from the NTP epoch (1900) to the Unix epoch (1970).
+const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
 
 /// Writes `header` and `payload` into `buf` (cleared first) and SRTP-protects it in place.
 pub fn protect_rtp(
@@ -19,10 +39,271 @@ pub fn protect_rtp(
     srtp.encrypt_rtp_in_place(buf, header_len)
 }
 
+/// Where a connection's datagrams go: its selected pair's remote address and the key that keeps
+/// them together in a send batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    pub to: SocketAddr,
+    pub key: u32,
+}
+
+/// The down-tracks a subscriber connection sends.
+#[derive(Default)]
+pub struct Egress {
+    downs: Slab<DownEgress>,
+    next_report: Option<Instant>,
+    /// Packets that could not be protected (counted, not sent).
+    pub failed: u64,
+}
+
+/// One down-track's send state.
+pub struct DownEgress {
+    pub ssrc: u32,
+    /// Retransmissions go as RTX (RFC 4588) when the subscriber negotiated it: their own SSRC,
+    /// payload type and sequence numbers, so that its SRTP replay check and its jitter buffer
+    /// take them as the repair they are.
+    rtx: Option<Rtx>,
+    clock_rate: u32,
+    packets: u32,
+    octets: u32,
+    /// Output timestamp of the newest packet sent, and when.
+    last: Option<(u32, Instant)>,
+    history: Option<Box<[Kept]>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rtx {
+    pub ssrc: u32,
+    pub payload_type: u8,
+    next_seq: u16,
+}
+
+impl Rtx {
+    pub fn new(ssrc: u32, payload_type: u8) -> Rtx {
+        Rtx {
+            ssrc,
+            payload_type,
+            next_seq: (crate::random_u64() as u16) & 0x7FFF,
+        }
+    }
+}
+
+/// A sent packet kept for retransmission: its plaintext header and its payload.
+#[derive(Clone)]
+struct Kept {
+    seq: u16,
+    header_len: u8,
+    header: [u8; MAX_KEPT_HEADER],
+    payload: Bytes,
+}
+
+impl Default for Kept {
+    fn default() -> Self {
+        Kept {
+            seq: 0,
+            header_len: 0,
+            header: [0; MAX_KEPT_HEADER],
+            payload: Bytes::new(),
+        }
+    }
+}
+
+impl Egress {
+    /// Adds a down-track; returns its slot. Video keeps packets for retransmission.
+    pub fn add(&mut self, ssrc: u32, clock_rate: u32, video: bool) -> usize {
+        self.downs.insert(DownEgress {
+            ssrc,
+            rtx: None,
+            clock_rate,
+            packets: 0,
+            octets: 0,
+            last: None,
+            history: video.then(|| vec![Kept::default(); HISTORY].into_boxed_slice()),
+        })
+    }
+
+    /// Whether and how retransmissions go as RTX (after each subscriber answer). A known stream
+    /// keeps its sequence numbers.
+    pub fn set_rtx(&mut self, slot: usize, ssrc: u32, payload_type: Option<u8>) {
+        if let Some(down) = self.downs.get_mut(slot) {
+            down.rtx = match (payload_type, down.rtx) {
+                (None, _) => None,
+                (Some(pt), Some(mut rtx)) if rtx.ssrc == ssrc => {
+                    rtx.payload_type = pt;
+                    Some(rtx)
+                }
+                (Some(pt), _) => Some(Rtx::new(ssrc, pt)),
+            };
+        }
+    }
+
+    pub fn remove(&mut self, slot: usize) {
+        self.downs.try_remove(slot);
+    }
+
+    pub fn slot_of(&self, ssrc: u32) -> Option<usize> {
+        self.downs
+            .iter()
+            .find(|(_, d)| d.ssrc == ssrc)
+            .map(|(k, _)| k)
+    }
+
+    /// Protects and queues one forwarded packet; `false` if it could not be protected.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send(
+        &mut self,
+        slot: usize,
+        header: &RtpHeader,
+        payload: &Bytes,
+        now: Instant,
+        srtp: &mut Context,
+        route: Route,
+        batch: &mut SendBatch,
+    ) -> bool {
+        let Some(down) = self.downs.get_mut(slot) else {
+            return false;
+        };
+        let mut buf = batch.buffer();
+        write_header(header, &mut buf);
+        let header_len = buf.len();
+        if let Some(history) = &mut down.history
+            && header_len <= MAX_KEPT_HEADER
+        {
+            let kept = &mut history[header.sequence_number as usize % HISTORY];
+            kept.seq = header.sequence_number;
+            kept.header_len = header_len as u8;
+            kept.header[..header_len].copy_from_slice(&buf);
+            kept.payload = payload.clone();
+        }
+        buf.extend_from_slice(payload);
+        if srtp.encrypt_rtp_in_place(&mut buf, header_len).is_err() {
+            self.failed += 1;
+            batch.recycle(buf);
+            return false;
+        }
+        batch.push(route.key, route.to, buf);
+        down.packets = down.packets.wrapping_add(1);
+        down.octets = down.octets.wrapping_add(payload.len() as u32);
+        let newer = down
+            .last
+            .is_none_or(|(ts, _)| (header.timestamp.wrapping_sub(ts) as i32) >= 0);
+        if newer {
+            down.last = Some((header.timestamp, now));
+        }
+        true
+    }
+
+    /// Sends again the packets a NACK asks for that are still kept (as RTX where negotiated);
+    /// returns how many.
+    pub fn retransmit(
+        &mut self,
+        ssrc: u32,
+        lost: impl Iterator<Item = u16>,
+        srtp: &mut Context,
+        route: Route,
+        batch: &mut SendBatch,
+    ) -> usize {
+        let Some(down) = self
+            .downs
+            .iter_mut()
+            .map(|(_, d)| d)
+            .find(|d| d.ssrc == ssrc)
+        else {
+            return 0;
+        };
+        let Some(history) = &down.history else {
+            return 0;
+        };
+        let mut sent = 0;
+        for seq in lost {
+            let kept = &history[seq as usize % HISTORY];
+            if kept.seq != seq || kept.header_len == 0 {
+                continue; // never sent, or overwritten since
+            }
+            let header_len = kept.header_len as usize;
+            let mut buf = batch.buffer();
+            buf.extend_from_slice(&kept.header[..header_len]);
+            if let Some(rtx) = &mut down.rtx {
+                // Same header but payload type, sequence number and SSRC; the original sequence
+                // number leads the payload.
+                buf[1] = (buf[1] & 0x80) | (rtx.payload_type & 0x7F);
+                buf[2..4].copy_from_slice(&rtx.next_seq.to_be_bytes());
+                buf[8..12].copy_from_slice(&rtx.ssrc.to_be_bytes());
+                rtx.next_seq = rtx.next_seq.wrapping_add(1);
+                buf.extend_from_slice(&seq.to_be_bytes());
+            }
+            buf.extend_from_slice(&kept.payload);
+            if srtp.encrypt_rtp_in_place(&mut buf, header_len).is_err() {
+                batch.recycle(buf);
+                continue;
+            }
+            batch.push(route.key, route.to, buf);
+            sent += 1;
+        }
+        sent
+    }
+
+    /// When the next sender reports are due (`None`: nothing sent yet).
+    pub fn next_report(&self) -> Option<Instant> {
+        self.next_report
+    }
+
+    /// Sends a sender report for every down-track that has sent packets, if they are due.
+    pub fn send_reports(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        srtp: &mut Context,
+        route: Route,
+        batch: &mut SendBatch,
+    ) {
+        match self.next_report {
+            Some(due) if due > now => return,
+            None if self.downs.iter().all(|(_, d)| d.packets == 0) => return,
+            _ => {}
+        }
+        self.next_report = Some(now + REPORT_INTERVAL);
+        let ntp = ntp_time(wall);
+        for (_, down) in self.downs.iter().filter(|(_, d)| d.packets > 0) {
+            let Some((ts, at)) = down.last else { continue };
+            let elapsed = now.saturating_duration_since(at).as_micros() as u64;
+            let report = SenderReport {
+                ssrc: down.ssrc,
+                ntp_time: ntp,
+                rtp_time: ts.wrapping_add((elapsed * down.clock_rate as u64 / 1_000_000) as u32),
+                packet_count: down.packets,
+                octet_count: down.octets,
+                ..Default::default()
+            };
+            let Ok(plain) = report.marshal() else {
+                continue;
+            };
+            match srtp.encrypt_rtcp(&plain) {
+                Ok(protected) => {
+                    let mut buf = batch.buffer();
+                    buf.extend_from_slice(&protected);
+                    batch.push(route.key, route.to, buf);
+                }
+                Err(_) => self.failed += 1,
+            }
+        }
+    }
+}
+
+/// A wall-clock time as a 64-bit NTP timestamp (seconds since 1900, 32.32 fixed point).
+pub fn ntp_time(wall: SystemTime) -> u64 {
+    let since_unix = wall
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = since_unix.as_secs() + NTP_UNIX_OFFSET;
+    let fraction = ((since_unix.subsec_nanos() as u64) << 32) / 1_000_000_000;
+    (seconds << 32) | fraction
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use rtc::shared::marshal::Unmarshal;
     use rtc::srtp::protection_profile::ProtectionProfile;
 
     fn context(profile: ProtectionProfile) -> Context {
@@ -37,7 +318,7 @@ mod tests {
             marker: true,
             payload_type: 96,
             sequence_number: seq,
-            timestamp: 1234,
+            timestamp: 1234 + seq as u32,
             ssrc: 0xCAFE,
             ..Default::default()
         };
@@ -77,5 +358,170 @@ mod tests {
         let mut short = vec![0x80, 96, 0, 1];
         assert!(ctx.encrypt_rtp_in_place(&mut short, 12).is_err());
         assert!(ctx.encrypt_rtp_in_place(&mut vec![0; 20], 8).is_err());
+    }
+
+    fn route() -> Route {
+        Route {
+            to: "127.0.0.1:9".parse().unwrap(),
+            key: 3,
+        }
+    }
+
+    /// Decrypts every queued datagram (flushing to a socket nobody reads) and returns them.
+    fn sent(batch: &mut SendBatch, receiver: &mut Context, rtcp: bool) -> Vec<Vec<u8>> {
+        let out = batch.drain_for_test();
+        out.into_iter()
+            .map(|d| {
+                if rtcp {
+                    receiver.decrypt_rtcp(&d).unwrap().to_vec()
+                } else {
+                    receiver.decrypt_rtp(&d).unwrap().to_vec()
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_nack_is_answered_with_the_packets_still_kept() {
+        let profile = ProtectionProfile::AeadAes128Gcm;
+        let (mut srtp, mut receiver) = (context(profile), context(profile));
+        let mut egress = Egress::default();
+        let video = egress.add(0xCAFE, 90_000, true);
+        let mut batch = SendBatch::new(false);
+        let now = Instant::now();
+        for seq in 0..600u16 {
+            let payload = Bytes::from(vec![seq as u8; 100]);
+            assert!(egress.send(
+                video,
+                &header(seq),
+                &payload,
+                now,
+                &mut srtp,
+                route(),
+                &mut batch
+            ));
+        }
+        let first = sent(&mut batch, &mut receiver, false);
+        assert_eq!(first.len(), 600);
+        // 599 and 100 are kept; 50 was overwritten (512 kept); 700 was never sent.
+        let n = egress.retransmit(
+            0xCAFE,
+            [599u16, 50, 100, 700].into_iter(),
+            &mut srtp,
+            route(),
+            &mut batch,
+        );
+        assert_eq!(n, 2);
+        let mut again = Vec::new();
+        let mut replay_free = context(profile); // the first receiver rejects replays
+        for d in batch.drain_for_test() {
+            again.push(replay_free.decrypt_rtp(&d).unwrap().to_vec());
+        }
+        assert_eq!(again, vec![first[599].clone(), first[100].clone()]);
+        // With RTX negotiated: the RTX stream's SSRC, payload type and own sequence numbers,
+        // the original sequence number first in the payload, the rest of the header as sent.
+        egress.set_rtx(video, 0xBEEF, Some(97));
+        assert_eq!(
+            egress.retransmit(
+                0xCAFE,
+                [599u16, 598].into_iter(),
+                &mut srtp,
+                route(),
+                &mut batch
+            ),
+            2
+        );
+        let rtx: Vec<Vec<u8>> = batch
+            .drain_for_test()
+            .iter()
+            .map(|d| receiver.decrypt_rtp(d).unwrap().to_vec())
+            .collect();
+        for (packet, original) in rtx.iter().zip([599u16, 598]) {
+            let o = &first[original as usize];
+            let header_len = 12 + 8; // one one-byte extension, padded
+            assert_eq!(packet[1], 0x80 | 97, "marker kept, RTX payload type");
+            assert_eq!(&packet[8..12], &0xBEEFu32.to_be_bytes());
+            assert_eq!(&packet[4..8], &o[4..8], "timestamp kept");
+            assert_eq!(
+                &packet[12..header_len],
+                &o[12..header_len],
+                "extensions kept"
+            );
+            assert_eq!(&packet[header_len..header_len + 2], &original.to_be_bytes());
+            assert_eq!(&packet[header_len + 2..], &o[header_len..]);
+        }
+        let rtx_seq = |p: &Vec<u8>| u16::from_be_bytes([p[2], p[3]]);
+        assert_eq!(rtx_seq(&rtx[1]), rtx_seq(&rtx[0]).wrapping_add(1));
+        // Audio keeps nothing.
+        let audio = egress.add(0xA0D1, 48_000, false);
+        let mut h = header(1);
+        h.ssrc = 0xA0D1;
+        egress.send(
+            audio,
+            &h,
+            &Bytes::from_static(b"x"),
+            now,
+            &mut srtp,
+            route(),
+            &mut batch,
+        );
+        batch.drain_for_test();
+        assert_eq!(
+            egress.retransmit(0xA0D1, [1u16].into_iter(), &mut srtp, route(), &mut batch),
+            0
+        );
+    }
+
+    #[test]
+    fn sender_reports_count_what_was_sent_and_extrapolate_the_timestamp() {
+        let profile = ProtectionProfile::Aes128CmHmacSha1_80;
+        let (mut srtp, mut receiver) = (context(profile), context(profile));
+        let mut egress = Egress::default();
+        let slot = egress.add(0xCAFE, 90_000, true);
+        let mut batch = SendBatch::new(false);
+        let t0 = Instant::now();
+        let wall = SystemTime::now();
+        // Nothing sent yet: no report.
+        egress.send_reports(t0, wall, &mut srtp, route(), &mut batch);
+        assert!(batch.is_empty());
+        let mut h = header(7);
+        h.timestamp = 90_000;
+        egress.send(
+            slot,
+            &h,
+            &Bytes::from(vec![0; 500]),
+            t0,
+            &mut srtp,
+            route(),
+            &mut batch,
+        );
+        batch.drain_for_test();
+        let later = t0 + Duration::from_millis(100);
+        egress.send_reports(later, wall, &mut srtp, route(), &mut batch);
+        let reports = sent(&mut batch, &mut receiver, true);
+        assert_eq!(reports.len(), 1);
+        let sr = SenderReport::unmarshal(&mut &reports[0][..]).unwrap();
+        assert_eq!((sr.ssrc, sr.packet_count, sr.octet_count), (0xCAFE, 1, 500));
+        assert_eq!(
+            sr.rtp_time,
+            90_000 + 9_000,
+            "100 ms at 90 kHz after the last packet"
+        );
+        assert_eq!(sr.ntp_time, ntp_time(wall));
+        // Not again before the interval.
+        egress.send_reports(
+            later + Duration::from_millis(10),
+            wall,
+            &mut srtp,
+            route(),
+            &mut batch,
+        );
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn ntp_time_of_a_known_instant() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1500);
+        assert_eq!(ntp_time(t), ((NTP_UNIX_OFFSET + 1) << 32) | (1u64 << 31));
     }
 }

@@ -178,7 +178,7 @@ async fn media_event(
     let (sfu, user, session) = (&app.sfu, conn.user_id.as_str(), conn.token.as_str());
     match event {
         "tracks" => {
-            let tracks = json!(sfu.tracks(room));
+            let tracks = json!(sfu.tracks(room).await);
             let _ = s.emit("tracks", &tracks);
             Ok(tracks)
         }
@@ -201,6 +201,7 @@ async fn media_event(
         "mute" => {
             let p: MutePayload = parse(payload)?;
             sfu.mute(user, room, &p.track_id, p.muted)
+                .await
                 .map_err(refusal)?;
             Ok(json!({"ok": true}))
         }

@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use switchboard::Server;
-use switchboard::client::Client;
 use switchboard::config::Config;
+use switchboard::load::signaling::Client;
 
 pub const WAIT: Duration = Duration::from_secs(5);
 pub const QUIET: Duration = Duration::from_millis(300);
@@ -19,6 +19,7 @@ pub fn test_config() -> Config {
     logs();
     let mut c = Config::defaults();
     c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.media.udp_port = 0; // any free port: tests run servers side by side
     c
 }
 
@@ -180,6 +181,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A UDP port that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Polls `check` until it is true or `wait` passes.
 pub async fn eventually(wait: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + wait;
@@ -205,7 +215,7 @@ impl Process {
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
         use std::io::{BufRead, BufReader};
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        cmd.args(["--listen", "127.0.0.1:0"])
+        cmd.args(["--listen", "127.0.0.1:0", "--udp-port", "0"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())

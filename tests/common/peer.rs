@@ -20,11 +20,10 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
 use serde_json::{Value, json};
-use switchboard::client::{Client, Packet};
-use switchboard::config::Config;
+use switchboard::load::peer::{ClientFactory, PeerEvent};
+use switchboard::load::signaling::{Client, Packet};
 use switchboard::sfu::api::IceCandidate;
-use switchboard::sfu::session::peer::{PeerEvent, PeerFactory};
-use switchboard::sfu::session::sdp::sending_track_ids;
+use switchboard::sfu::peer::sdp::sending_track_ids;
 use tokio::sync::mpsc;
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
@@ -150,8 +149,8 @@ pub struct TestPeer {
     pub video_id: String,
 }
 
-fn factory() -> PeerFactory {
-    PeerFactory::client(Config::defaults().media)
+fn factory() -> ClientFactory {
+    ClientFactory::new([127, 0, 0, 1].into())
 }
 
 fn local_track(user: &str, id: &str, kind: RtpCodecKind, ssrc: u32) -> Arc<TrackLocalStaticRTP> {
@@ -642,7 +641,7 @@ pub async fn sample_offer() -> String {
 
 async fn build_pc(
     observed: &Observed,
-    factory: PeerFactory,
+    factory: ClientFactory,
 ) -> (Arc<dyn PeerConnection>, mpsc::UnboundedReceiver<PeerEvent>) {
     let runtime = observed.media_runtime.lock().unwrap().clone();
     let built = match runtime {

@@ -232,6 +232,18 @@ try {
     .then(() => true, () => false);
   check('a viewer without camera or microphone sees everyone', eveSees, await eve.evaluate(tilesSeen));
 
+  // SRTP: Chromium lists AES_CM_128_HMAC_SHA1_80 first, but the server's preference decides
+  // (vendor/rtc-dtls patch), so both of ada's connections use AEAD_AES_128_GCM.
+  const ciphers = await pages[0].evaluate(async () => {
+    const cipher = async (pc) => {
+      let c = null;
+      (await pc.getStats()).forEach((s) => { if (s.type === 'transport' && s.srtpCipher) c = s.srtpCipher; });
+      return c;
+    };
+    return { publisher: await cipher(window.sb.pub), subscriber: await cipher(window.sb.sub) };
+  });
+  check('media is protected with AEAD_AES_128_GCM', ciphers.publisher === 'SRTP_AEAD_AES_128_GCM' && ciphers.subscriber === 'SRTP_AEAD_AES_128_GCM', ciphers);
+
   // Connection set-up, from the browser's offer or answer to `connected`: 70-140 ms on an idle
   // machine, and the target is 300 ms. One connection can take longer when the shared machine is
   // busy (313 ms seen once in CI), so the target applies to the median of the six; each one must

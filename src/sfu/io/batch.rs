@@ -185,6 +185,12 @@ impl SendBatch {
         self.queue.is_empty()
     }
 
+    /// The queued datagrams, in queue order, instead of sending them (unit tests).
+    #[cfg(test)]
+    pub fn drain_for_test(&mut self) -> Vec<Vec<u8>> {
+        self.queue.drain(..).map(|q| q.data).collect()
+    }
+
     /// Sends everything queued (the queue is empty afterwards, whatever the kernel said).
     pub fn flush(&mut self, socket: &impl AsRawFd) {
         if self.queue.is_empty() {

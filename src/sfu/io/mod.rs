@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod port;
+pub mod router;
 pub mod stun;
 
 pub use batch::{MAX_DATAGRAM, RecvBatch, SendBatch, SendStats, gso_supported};

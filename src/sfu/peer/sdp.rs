@@ -1,6 +1,6 @@
-//! What the SFU reads from a publisher's SDP offer that webrtc does not tell it: which tracks
-//! are still sent (a track removed by renegotiation never ends on the server side), their
-//! simulcast rids, and the header-extension ids the publisher uses.
+//! What the SFU reads from SDP that webrtc-rs does not tell it: which tracks a publisher's offer
+//! still sends (a track removed by renegotiation never ends on the server side), their simulcast
+//! rids and header-extension ids; and the small edits it makes to its own descriptions.
 
 /// One `m=` section of an SDP.
 struct Section<'a> {
@@ -101,6 +101,33 @@ pub fn extension_ids(sdp: &str, track_id: &str) -> Vec<(String, u8)> {
         .collect()
 }
 
+/// The payload type an RTX format repairs (`apt=<pt>` in its fmtp line).
+pub fn rtx_apt(fmtp: &str) -> Option<u8> {
+    fmtp.split(';')
+        .find_map(|p| p.trim().strip_prefix("apt="))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The first `a=mid:` of a description (what the server's candidates name as `sdpMid`).
+pub fn first_mid(sdp: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.trim_end().strip_prefix("a=mid:"))
+        .map(str::to_owned)
+}
+
+/// The SDP without its `a=candidate` and `a=end-of-candidates` lines.
+pub fn without_candidates(sdp: &str) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.split_inclusive('\n') {
+        let attr = line.trim_end();
+        if attr.starts_with("a=candidate:") || attr == "a=end-of-candidates" {
+            continue;
+        }
+        out.push_str(line);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +171,21 @@ m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:4\r\n";
             extension_ids(OFFER, "v-1"),
             [("urn:3gpp:video-orientation".to_owned(), 13)]
         );
+    }
+
+    #[test]
+    fn candidates_are_removed_from_an_offer() {
+        let sdp = "v=0\r\nm=audio 9 UDP 111\r\na=mid:0\r\na=candidate:1 1 udp 1 127.0.0.1 5000 typ host\r\na=end-of-candidates\r\na=sendrecv\r\n";
+        assert_eq!(
+            without_candidates(sdp),
+            "v=0\r\nm=audio 9 UDP 111\r\na=mid:0\r\na=sendrecv\r\n"
+        );
+        assert_eq!(first_mid(sdp).as_deref(), Some("0"));
+        assert_eq!(first_mid(OFFER).as_deref(), Some("0"));
+        assert_eq!(first_mid("v=0\r\n"), None);
+        assert_eq!(rtx_apt("apt=96"), Some(96));
+        assert_eq!(rtx_apt("rtx-time=3000; apt=102"), Some(102));
+        assert_eq!(rtx_apt("apt=x"), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! An interceptor that lets chosen inbound RTCP reach the application.
 //!
-//! webrtc 0.21 consumes inbound RTCP inside its interceptor chain unless an interceptor marks it
+//! rtc 0.21 consumes inbound RTCP inside its interceptor chain unless an interceptor marks it
 //! `DeliverToApplication`; an SFU must see keyframe requests to relay them to the publisher.
 //! It sits last in the chain, so the built-in NACK, report and TWCC interceptors still see every
 //! packet first. Test clients use it to see all the feedback the server sends them.
@@ -11,6 +11,7 @@ use std::time::Instant;
 use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 
 /// Where it sits in the chain: after the built-in interceptors, closest to the application.
@@ -26,6 +27,12 @@ pub struct RtcpToApp {
 pub fn is_keyframe_request(p: &dyn rtc::rtcp::Packet) -> bool {
     let any = p.as_any();
     any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+}
+
+/// What the server acts on from a subscriber: keyframe requests (relayed upstream) and NACKs
+/// (answered from its own retransmission buffer, as forwarded packets bypass the interceptors).
+pub fn is_subscriber_feedback(p: &dyn rtc::rtcp::Packet) -> bool {
+    is_keyframe_request(p) || p.as_any().is::<TransportLayerNack>()
 }
 
 impl RtcpToApp {

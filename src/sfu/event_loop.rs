@@ -1,0 +1,260 @@
+//! One media event loop: a thread that owns a socket on the media port, the connections and
+//! rooms placed on it, and drives them. A received batch is routed, handed to its connections
+//! and fanned out, and everything it caused leaves in one batched send, with no channel, task
+//! switch or lock between a publisher's packet and its subscribers.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token, Waker};
+use tokio::sync::oneshot;
+use tracing::{debug, error};
+
+use super::Shared;
+use super::io::RecvBatch;
+use super::io::router::{Router, Routes};
+use super::peer::{ConnKey, PeerSettings};
+use super::relay::{Command, MediaState};
+
+const SOCKET: Token = Token(0);
+const WAKE: Token = Token(1);
+/// Datagrams taken from the socket per `recvmmsg`.
+const RECV_BATCH: usize = 64;
+/// The longest sleep: a command is noticed at once anyway (the waker), this only bounds drift.
+const MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// What other threads send a loop.
+pub enum Input {
+    Command(Command),
+    /// Datagrams another loop received for connections of this one.
+    Datagrams(Vec<(ConnKey, SocketAddr, Vec<u8>)>),
+    /// Routes to connections another loop closed.
+    Forget(Vec<SocketAddr>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// How other threads reach a loop.
+#[derive(Clone)]
+pub struct Mailbox {
+    inbox: mpsc::Sender<Input>,
+    waker: Arc<Waker>,
+}
+
+impl Mailbox {
+    /// Delivers `input` and wakes the loop; `false` if the loop has stopped.
+    pub fn send(&self, input: Input) -> bool {
+        self.inbox.send(input).is_ok() && self.waker.wake().is_ok()
+    }
+}
+
+/// What every loop is started with.
+pub struct LoopConfig {
+    pub settings: Arc<PeerSettings>,
+    pub shared: Arc<Shared>,
+    pub events: tokio::sync::mpsc::UnboundedSender<super::api::SfuEvent>,
+    pub router: Router,
+    pub gso: bool,
+    pub data_channel_limit: usize,
+}
+
+/// Starts one loop per socket; returns their mailboxes and threads.
+pub fn start(
+    sockets: Vec<UdpSocket>,
+    config: LoopConfig,
+) -> std::io::Result<(Vec<Mailbox>, Vec<JoinHandle<()>>)> {
+    let mut polls = Vec::new();
+    let mut mailboxes = Vec::new();
+    let mut inboxes = Vec::new();
+    for _ in &sockets {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let (tx, rx) = mpsc::channel();
+        mailboxes.push(Mailbox { inbox: tx, waker });
+        inboxes.push(rx);
+        polls.push(poll);
+    }
+    let config = Arc::new(config);
+    let mut threads = Vec::new();
+    for (index, ((socket, poll), inbox)) in sockets.into_iter().zip(polls).zip(inboxes).enumerate()
+    {
+        let (config, peers) = (config.clone(), mailboxes.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("media-loop-{index}"))
+            .spawn(move || {
+                let socket = mio::net::UdpSocket::from_std(socket);
+                let state = MediaState::new(
+                    config.settings.clone(),
+                    config.shared.clone(),
+                    config.events.clone(),
+                    Routes::new(index, config.router.clone()),
+                    config.gso,
+                    config.data_channel_limit,
+                );
+                let mut event_loop = EventLoop {
+                    index,
+                    socket,
+                    poll,
+                    inbox,
+                    peers,
+                    recv: RecvBatch::new(RECV_BATCH),
+                    state,
+                    shared: config.shared.clone(),
+                };
+                event_loop.run();
+            })?;
+        threads.push(thread);
+    }
+    Ok((mailboxes, threads))
+}
+
+struct EventLoop {
+    index: usize,
+    socket: mio::net::UdpSocket,
+    poll: Poll,
+    inbox: mpsc::Receiver<Input>,
+    peers: Vec<Mailbox>,
+    recv: RecvBatch,
+    state: MediaState,
+    shared: Arc<Shared>,
+}
+
+impl EventLoop {
+    fn run(&mut self) {
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut self.socket, SOCKET, Interest::READABLE)
+        {
+            error!("media loop {}: cannot poll its socket: {e}", self.index);
+            return;
+        }
+        let mut events = Events::with_capacity(16);
+        loop {
+            let now = Instant::now();
+            let wait = self
+                .state
+                .next_deadline()
+                .map_or(MAX_WAIT, |d| d.saturating_duration_since(now).min(MAX_WAIT));
+            if let Err(e) = self.poll.poll(&mut events, Some(wait))
+                && e.kind() != std::io::ErrorKind::Interrupted
+            {
+                error!("media loop {}: poll failed: {e}", self.index);
+                return;
+            }
+            let now = Instant::now();
+            if !self.take_inputs(now) {
+                return;
+            }
+            self.receive(now);
+            self.state.handle_timeouts(now);
+            self.send(now);
+        }
+    }
+
+    /// Commands and handed-over datagrams; `false` once told to stop.
+    fn take_inputs(&mut self, now: Instant) -> bool {
+        while let Ok(input) = self.inbox.try_recv() {
+            match input {
+                Input::Command(command) => self.state.handle_command(command, now),
+                Input::Datagrams(datagrams) => {
+                    for (key, from, data) in datagrams {
+                        self.state.handle_datagram(key, now, from, &data);
+                    }
+                }
+                Input::Forget(addrs) => self.state.routes.forget(&addrs),
+                Input::Shutdown(done) => {
+                    self.state.shutdown(now);
+                    self.send(now);
+                    let _ = done.send(());
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Everything queued on the socket, batch by batch; each batch's output goes out at once.
+    fn receive(&mut self, now: Instant) {
+        let mut handover: Vec<Vec<(ConnKey, SocketAddr, Vec<u8>)>> = Vec::new();
+        loop {
+            let n = match self.recv.recv(&self.socket) {
+                Ok(n) => n,
+                Err(e) => {
+                    debug!("media loop {}: recvmmsg: {e}", self.index);
+                    0
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            let stats = &self.shared.stats;
+            stats.datagrams_in.fetch_add(n as u64, Ordering::Relaxed);
+            for i in 0..n {
+                let Some((from, data)) = self.recv.get(i) else {
+                    continue;
+                };
+                match self.state.routes.route(from, data) {
+                    Some(conn) if conn.loop_index == self.index => {
+                        self.state.handle_datagram(conn.key, now, from, data)
+                    }
+                    Some(conn) => {
+                        if handover.len() <= conn.loop_index {
+                            handover.resize_with(conn.loop_index + 1, Vec::new);
+                        }
+                        handover[conn.loop_index].push((conn.key, from, data.to_vec()));
+                    }
+                    None => {
+                        stats.unrouted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            self.send(now);
+            // A short batch emptied the queue; anything arriving later wakes the poll again.
+            if n < self.recv.capacity() {
+                break;
+            }
+        }
+        for (target, datagrams) in handover.into_iter().enumerate() {
+            if !datagrams.is_empty() {
+                self.shared
+                    .stats
+                    .handed_over
+                    .fetch_add(datagrams.len() as u64, Ordering::Relaxed);
+                self.peers[target].send(Input::Datagrams(datagrams));
+            }
+        }
+    }
+
+    /// Sends what the connections have queued, and tells the other loops about closed routes.
+    fn send(&mut self, now: Instant) {
+        self.state.collect_dirty(now);
+        let before = self.state.batch.stats;
+        self.state.batch.flush(&self.socket);
+        let after = self.state.batch.stats;
+        let stats = &self.shared.stats;
+        stats
+            .datagrams_out
+            .fetch_add(after.datagrams - before.datagrams, Ordering::Relaxed);
+        stats
+            .send_calls
+            .fetch_add(after.syscalls - before.syscalls, Ordering::Relaxed);
+        stats
+            .gso_messages
+            .fetch_add(after.gso_messages - before.gso_messages, Ordering::Relaxed);
+        stats
+            .send_failures
+            .fetch_add(after.failed - before.failed, Ordering::Relaxed);
+        let forgotten = std::mem::take(&mut self.state.forgotten);
+        if !forgotten.is_empty() {
+            for (i, peer) in self.peers.iter().enumerate() {
+                if i != self.index {
+                    peer.send(Input::Forget(forgotten.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Which event loop and connection a datagram belongs to. A connection is found by the ICE
+//! username fragment of the first STUN request that reaches it, or by a remote address it sent
+//! to (full ICE checks first); after that by the source address alone.
+//!
+//! Each loop has its own socket on the shared port, and the kernel spreads clients over those
+//! sockets by address, not by room: a datagram can arrive at a loop that does not own its
+//! connection, which then hands it over. The shared table is only consulted for an address a
+//! loop has not seen before; each loop caches what it learned.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use super::stun;
+
+/// A connection on some event loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRef {
+    pub loop_index: usize,
+    pub key: usize,
+}
+
+#[derive(Default)]
+struct Table {
+    by_ufrag: HashMap<String, ConnRef>,
+    by_addr: HashMap<SocketAddr, ConnRef>,
+}
+
+/// The node-wide routing table (shared by the loops; touched on first contact and teardown).
+#[derive(Clone, Default)]
+pub struct Router {
+    table: Arc<Mutex<Table>>,
+}
+
+impl Router {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        // A panic elsewhere cannot leave a half-updated map: every change is one insert/remove.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn register(&self, ufrag: &str, conn: ConnRef) {
+        self.table().by_ufrag.insert(ufrag.to_owned(), conn);
+    }
+
+    /// Forgets a closed connection; returns the addresses that led to it.
+    pub fn unregister(&self, ufrag: &str, conn: ConnRef) -> Vec<SocketAddr> {
+        let mut table = self.table();
+        table.by_ufrag.remove(ufrag);
+        let mut gone = Vec::new();
+        table.by_addr.retain(|addr, c| {
+            let keep = *c != conn;
+            if !keep {
+                gone.push(*addr);
+            }
+            keep
+        });
+        gone
+    }
+}
+
+/// One loop's view: its cache in front of the shared table.
+pub struct Routes {
+    loop_index: usize,
+    router: Router,
+    cache: HashMap<SocketAddr, ConnRef>,
+}
+
+impl Routes {
+    pub fn new(loop_index: usize, router: Router) -> Routes {
+        Routes {
+            loop_index,
+            router,
+            cache: HashMap::new(),
+        }
+    }
+
+    pub fn loop_index(&self) -> usize {
+        self.loop_index
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The connection a datagram from `from` belongs to, if any.
+    pub fn route(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<ConnRef> {
+        if let Some(conn) = self.cache.get(&from) {
+            return Some(*conn);
+        }
+        let mut table = self.router.table();
+        let conn = match stun::local_ufrag(datagram)
+            .and_then(|u| std::str::from_utf8(u).ok())
+            .and_then(|u| table.by_ufrag.get(u).copied())
+        {
+            Some(conn) => {
+                table.by_addr.insert(from, conn);
+                conn
+            }
+            None => *table.by_addr.get(&from)?,
+        };
+        drop(table);
+        self.cache.insert(from, conn);
+        Some(conn)
+    }
+
+    /// This loop's connection `key` sends to `to`: its answers come from there.
+    pub fn learn(&mut self, to: SocketAddr, key: usize) {
+        let conn = ConnRef {
+            loop_index: self.loop_index,
+            key,
+        };
+        if self.cache.get(&to) == Some(&conn) {
+            return;
+        }
+        self.cache.insert(to, conn);
+        self.router.table().by_addr.insert(to, conn);
+    }
+
+    /// Drops cached routes (of a connection closed here or on another loop).
+    pub fn forget(&mut self, addrs: &[SocketAddr]) {
+        for a in addrs {
+            self.cache.remove(a);
+        }
+    }
+
+    /// Drops every cached route to this loop's connection `key`.
+    pub fn forget_conn(&mut self, key: usize) {
+        let conn = ConnRef {
+            loop_index: self.loop_index,
+            key,
+        };
+        self.cache.retain(|_, c| *c != conn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding_request(username: &str) -> Vec<u8> {
+        let mut attrs = vec![0x00, 0x06];
+        attrs.extend_from_slice(&(username.len() as u16).to_be_bytes());
+        attrs.extend_from_slice(username.as_bytes());
+        while !attrs.len().is_multiple_of(4) {
+            attrs.push(0);
+        }
+        let mut m = vec![0x00, 0x01];
+        m.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        m.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+        m.extend_from_slice(&[1; 12]);
+        m.extend_from_slice(&attrs);
+        m
+    }
+
+    #[test]
+    fn first_contact_by_ufrag_then_by_address_on_every_loop() {
+        let router = Router::default();
+        let (mut loop0, mut loop1) = (
+            Routes::new(0, router.clone()),
+            Routes::new(1, router.clone()),
+        );
+        let conn = ConnRef {
+            loop_index: 1,
+            key: 7,
+        };
+        router.register("abcd", conn);
+        let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        // DTLS from an unknown address goes nowhere.
+        assert_eq!(loop0.route(client, &[22, 254, 253]), None);
+        // The STUN request arrives at loop 0 (the kernel's choice): routed to loop 1's conn.
+        assert_eq!(
+            loop0.route(client, &binding_request("abcd:remote")),
+            Some(conn)
+        );
+        // From then on any datagram from that address, on either loop.
+        assert_eq!(loop0.route(client, &[22, 254, 253]), Some(conn));
+        assert_eq!(loop1.route(client, &[0x80, 96]), Some(conn));
+        // An unknown ufrag routes nowhere.
+        let other: SocketAddr = "127.0.0.1:5001".parse().unwrap();
+        assert_eq!(loop0.route(other, &binding_request("nope:remote")), None);
+        // Closing forgets it everywhere.
+        let gone = router.unregister("abcd", conn);
+        assert_eq!(gone, vec![client]);
+        loop0.forget(&gone);
+        loop1.forget_conn(7);
+        assert_eq!(loop0.route(client, &[22, 254, 253]), None);
+        assert_eq!(loop1.route(client, &[22, 254, 253]), None);
+    }
+
+    #[test]
+    fn addresses_the_server_checks_first_are_routed_back() {
+        let router = Router::default();
+        let (mut loop0, mut loop1) = (Routes::new(0, router.clone()), Routes::new(1, router));
+        let client: SocketAddr = "127.0.0.1:6000".parse().unwrap();
+        loop1.learn(client, 3);
+        // A binding response (no USERNAME) lands on loop 0.
+        let response = [
+            0x01, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(
+            loop0.route(client, &response),
+            Some(ConnRef {
+                loop_index: 1,
+                key: 3
+            })
+        );
+    }
+}

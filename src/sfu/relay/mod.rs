@@ -1,0 +1,412 @@
+//! The media state of one event loop: its connections, the members and rooms placed on it,
+//! their published tracks and data channels, and what crosses from one connection to others.
+//! It is driven by the loop (datagrams, commands, timeouts) and does no I/O itself: datagrams
+//! to send go into its send batch.
+//!
+//! Words: a *member* is a user in a room with a media session; a *connection* is one of its two
+//! peer connections; a *track* is what a member publishes; a *down-track* is one subscriber's
+//! copy of it; a *channel* is a data channel a member opened, relayed as *copies*.
+
+mod channels;
+pub mod negotiation;
+mod signaling;
+mod tracks;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use bytes::BytesMut;
+use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit};
+use rtc::peer_connection::event::{RTCDataChannelEvent, RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::RTCMessage;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use slab::Slab;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, warn};
+
+pub use signaling::{Command, Reply};
+
+use super::Shared;
+use super::api::{MediaKind, PcKind, SfuEvent};
+use super::egress::Route;
+use super::forward::{DownTrackId, Quality, TrackForwarder};
+use super::io::SendBatch;
+use super::io::router::Routes;
+use super::io::stun;
+use super::peer::{ConnKey, Connection, PeerSettings};
+use negotiation::Negotiation;
+
+/// Where a down-track's packets go: a subscriber connection and its egress slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownSink {
+    pub conn: ConnKey,
+    pub slot: usize,
+}
+
+/// A user in a room with a media session on this loop.
+pub struct Member {
+    pub user: String,
+    pub room: String,
+    /// The signaling connection the session belongs to.
+    pub session: String,
+    pub publisher: Option<ConnKey>,
+    pub subscriber: ConnKey,
+    /// Tracks of others forwarded on the subscriber connection.
+    pub downs: Vec<DownEntry>,
+    /// Tracks (owner, track id) this member said it does not want.
+    pub unsubscribed: HashSet<(String, String)>,
+    pub quality: HashMap<(String, String), Quality>,
+    /// The latest publisher offer (track ids, simulcast rids and extension ids of its tracks).
+    pub publisher_sdp: String,
+    pub negotiation: Negotiation,
+    /// The subscriber connection carries a data section (offered once).
+    pub has_channels: bool,
+}
+
+impl Member {
+    pub fn wants(&self, owner: &str, track_id: &str) -> bool {
+        owner != self.user
+            && !self
+                .unsubscribed
+                .contains(&(owner.to_owned(), track_id.to_owned()))
+    }
+}
+
+/// One forwarded track on a member's subscriber connection.
+pub struct DownEntry {
+    pub track: usize,
+    pub down_id: DownTrackId,
+    pub sender: RTCRtpSenderId,
+    pub slot: usize,
+    pub ssrc: u32,
+    /// The SSRC of its retransmission stream (video).
+    pub rtx_ssrc: Option<u32>,
+}
+
+/// A track a member publishes.
+pub struct PublishedTrack {
+    pub owner: String,
+    pub room: String,
+    pub track_id: String,
+    pub kind: MediaKind,
+    pub codec: RTCRtpCodec,
+    pub simulcast: Vec<String>,
+    pub muted: bool,
+    /// The publisher's header-extension ids (by URI) of the forwarded extensions.
+    pub ext_ids: Vec<(String, u8)>,
+    pub publisher: ConnKey,
+    /// Source SSRC of each layer -> its receiver (keyframe requests go there).
+    pub receivers: Vec<(u32, RTCRtpReceiverId)>,
+    pub forwarder: TrackForwarder<DownSink>,
+}
+
+/// A data channel a member opened, and its copies on the other members' connections.
+pub struct ChannelSource {
+    pub owner: String,
+    pub room: String,
+    pub conn: ConnKey,
+    pub id: RTCDataChannelId,
+    pub label: String,
+    /// What the copies are created with (`protocol` = the owner's userId).
+    pub init: RTCDataChannelInit,
+    pub copies: Vec<ChannelCopy>,
+}
+
+pub struct ChannelCopy {
+    pub user: String,
+    pub conn: ConnKey,
+    pub id: RTCDataChannelId,
+    pub open: bool,
+}
+
+#[derive(Default)]
+pub struct Room {
+    /// Members in join order.
+    pub members: Vec<String>,
+    pub tracks: Vec<usize>,
+    pub channels: Vec<usize>,
+}
+
+pub struct MediaState {
+    pub settings: Arc<PeerSettings>,
+    shared: Arc<Shared>,
+    events: UnboundedSender<SfuEvent>,
+    pub routes: Routes,
+    pub conns: Slab<Connection>,
+    members: HashMap<String, Member>,
+    rooms: HashMap<String, Room>,
+    tracks: Slab<PublishedTrack>,
+    channels: Slab<ChannelSource>,
+    pub batch: SendBatch,
+    /// Connections with output queued by the application (a PLI, a channel message) whose
+    /// datagrams are collected before the batch goes out.
+    dirty: Vec<ConnKey>,
+    next_down_id: DownTrackId,
+    data_channel_limit: usize,
+    /// Scratch for due timers (reused).
+    due: Vec<ConnKey>,
+    /// Addresses of connections closed here, for the other loops to forget.
+    pub forgotten: Vec<SocketAddr>,
+}
+
+impl MediaState {
+    pub fn new(
+        settings: Arc<PeerSettings>,
+        shared: Arc<Shared>,
+        events: UnboundedSender<SfuEvent>,
+        routes: Routes,
+        gso: bool,
+        data_channel_limit: usize,
+    ) -> MediaState {
+        MediaState {
+            settings,
+            shared,
+            events,
+            routes,
+            conns: Slab::new(),
+            members: HashMap::new(),
+            rooms: HashMap::new(),
+            tracks: Slab::new(),
+            channels: Slab::new(),
+            batch: SendBatch::new(gso),
+            dirty: Vec::new(),
+            next_down_id: 1,
+            data_channel_limit,
+            due: Vec::new(),
+            forgotten: Vec::new(),
+        }
+    }
+
+    fn emit(&self, event: SfuEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// A datagram for connection `key` (routed by the loop).
+    pub fn handle_datagram(&mut self, key: ConnKey, now: Instant, from: SocketAddr, data: &[u8]) {
+        let local_addr = self.settings.candidate_addr;
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let _ = conn.pc.handle_read(TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr,
+                peer_addr: from,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: BytesMut::from(data),
+        });
+        self.service(key, now);
+    }
+
+    /// Takes everything a connection has for the application (events first, so a track or
+    /// channel is announced before its first packet), then its datagrams and next timeout.
+    fn service(&mut self, key: ConnKey, now: Instant) {
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            let Some(event) = conn.pc.poll_event() else {
+                break;
+            };
+            self.on_event(key, event, now);
+        }
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            let Some(message) = conn.pc.poll_read() else {
+                break;
+            };
+            self.on_message(key, message.message, now);
+        }
+        self.collect_writes(key, now);
+    }
+
+    /// Moves a connection's datagrams into the send batch and records its next timeout.
+    fn collect_writes(&mut self, key: ConnKey, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        while let Some(out) = conn.pc.poll_write() {
+            let to = out.transport.peer_addr;
+            if stun::is_stun(&out.message) {
+                // Full ICE: the server may check an address before hearing from it.
+                self.routes.learn(to, key);
+            }
+            let mut buf = self.batch.buffer();
+            buf.extend_from_slice(&out.message);
+            self.batch.push(key as u32, to, buf);
+        }
+        // rtc may report a deadline already past; never spin on it.
+        let next = conn.pc.poll_timeout();
+        conn.next_timeout = next.map(|t| t.max(now + std::time::Duration::from_millis(1)));
+    }
+
+    /// A connection the application wrote to (a PLI, a channel message, a close).
+    fn mark_dirty(&mut self, key: ConnKey) {
+        if !self.dirty.contains(&key) {
+            self.dirty.push(key);
+        }
+    }
+
+    /// Collects the datagrams of connections written to since the last call.
+    pub fn collect_dirty(&mut self, now: Instant) {
+        while let Some(key) = self.dirty.pop() {
+            self.service(key, now);
+        }
+    }
+
+    fn on_event(&mut self, key: ConnKey, event: RTCPeerConnectionEvent, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let kind = conn.kind;
+        match event {
+            RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                debug!(user = %conn.user, pc = ?kind, %state, "connection state");
+                conn.connected = state == RTCPeerConnectionState::Connected;
+                if state == RTCPeerConnectionState::Failed {
+                    let user = conn.user.clone();
+                    self.connection_failed(&user, kind, now);
+                }
+            }
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                if kind == PcKind::Publisher {
+                    self.on_track(key, init, now);
+                } else {
+                    debug!(user = %conn.user, "ignoring a track sent on the subscriber connection");
+                }
+            }
+            RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnOpen(id)) => {
+                self.on_channel_open(key, id, now)
+            }
+            RTCPeerConnectionEvent::OnDataChannel(RTCDataChannelEvent::OnClose(id)) => {
+                self.on_channel_close(key, id, now)
+            }
+            _ => {}
+        }
+    }
+
+    fn on_message(&mut self, key: ConnKey, message: RTCMessage, now: Instant) {
+        match message {
+            RTCMessage::RtpPacket(_, packet) => self.on_rtp(key, packet, now),
+            RTCMessage::RtcpPacket(_, packets) => self.on_rtcp(key, packets, now),
+            RTCMessage::DataChannelMessage(id, message) => {
+                self.on_channel_message(key, id, message, now)
+            }
+            _ => {}
+        }
+    }
+
+    /// A connection failed (no ICE traffic): the member's session ends everywhere, and it is told.
+    fn connection_failed(&mut self, user: &str, kind: PcKind, now: Instant) {
+        let Some(session) = self.members.get(user).map(|m| m.session.clone()) else {
+            return;
+        };
+        warn!(%user, pc = ?kind, "connection failed; ending the media session");
+        self.shared.directory().remove(user, &session);
+        if self.end_member(user, &session, now) {
+            self.emit(SfuEvent::MediaEnded {
+                user_id: user.to_owned(),
+                session,
+                reason: "connection failed",
+            });
+        }
+    }
+
+    /// The earliest instant something is due: a connection's timer, an offer, a report.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let conns = self.conns.iter().filter_map(|(_, c)| {
+            let report = c.egress.next_report().filter(|_| c.connected);
+            match (c.next_timeout, report) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        });
+        let offers = self
+            .members
+            .values()
+            .filter_map(|m| m.negotiation.deadline());
+        conns.chain(offers).min()
+    }
+
+    /// Runs whatever is due at `now`.
+    pub fn handle_timeouts(&mut self, now: Instant) {
+        let mut due = std::mem::take(&mut self.due);
+        due.clear();
+        due.extend(
+            self.conns
+                .iter()
+                .filter(|(_, c)| c.next_timeout.is_some_and(|t| t <= now))
+                .map(|(k, _)| k),
+        );
+        for &key in &due {
+            if let Some(conn) = self.conns.get_mut(key) {
+                let _ = conn.pc.handle_timeout(now);
+                self.service(key, now);
+            }
+        }
+        due.clear();
+        due.extend(
+            self.conns
+                .iter()
+                .filter(|(_, c)| c.connected && c.egress.next_report().is_none_or(|t| t <= now))
+                .map(|(k, _)| k),
+        );
+        let wall = SystemTime::now();
+        for &key in &due {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            let Connection { pc, egress, .. } = conn;
+            if let Some(out) = pc.srtp_egress() {
+                let route = Route {
+                    to: out.peer_addr,
+                    key: key as u32,
+                };
+                egress.send_reports(now, wall, out.context, route, &mut self.batch);
+            }
+        }
+        self.due = due;
+        let offers: Vec<String> = self
+            .members
+            .iter_mut()
+            .filter(|(_, m)| m.negotiation.deadline().is_some_and(|t| t <= now))
+            .filter_map(|(user, m)| m.negotiation.offer_due(now).then(|| user.clone()))
+            .collect();
+        for user in offers {
+            self.offer_subscriber(&user, now);
+        }
+    }
+
+    /// Closes every connection (graceful shutdown).
+    pub fn shutdown(&mut self, now: Instant) {
+        let members: Vec<(String, String)> = self
+            .members
+            .values()
+            .map(|m| (m.user.clone(), m.session.clone()))
+            .collect();
+        for (user, session) in members {
+            self.shared.directory().remove(&user, &session);
+            self.end_member(&user, &session, now);
+        }
+    }
+
+    /// Counts a relayed data message a lagging subscriber missed.
+    fn count_dropped_message(&self) -> bool {
+        self.shared
+            .stats
+            .data_messages_dropped
+            .fetch_add(1, Ordering::Relaxed)
+            == 0
+    }
+}

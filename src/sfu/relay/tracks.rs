@@ -1,0 +1,457 @@
+//! Published tracks and their down-tracks: publishing on a publisher's first packets, the
+//! per-packet fan-out through the forwarding core into the subscribers' egress, keyframe
+//! requests and NACKs from subscribers, and unpublishing.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::event::RTCTrackEventInit;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpRtxParameters, RtpCodecKind,
+};
+use tracing::{debug, info, warn};
+
+use super::{DownEntry, DownSink, MediaState, PublishedTrack};
+use crate::sfu::api::{MediaKind, PcKind, SfuError, SfuEvent, TrackInfo};
+use crate::sfu::egress::Route;
+use crate::sfu::forward::{Codec, DownTrackConfig, ExtMap, RtpHeader, RtpPacket, TrackForwarder};
+use crate::sfu::peer::{ConnKey, FORWARDED_EXTENSIONS, sdp};
+
+impl PublishedTrack {
+    pub fn info(&self) -> TrackInfo {
+        TrackInfo {
+            user_id: self.owner.clone(),
+            track_id: self.track_id.clone(),
+            kind: self.kind,
+            simulcast: self.simulcast.clone(),
+            muted: self.muted,
+        }
+    }
+}
+
+/// A fresh SSRC for a subscriber's copy of a track (never 0).
+fn random_ssrc() -> u32 {
+    (crate::random_u64() as u32) | 1
+}
+
+/// rtc's parsed packet into the core's form (payload and extension values stay shared).
+fn from_rtc(p: rtp::Packet) -> RtpPacket {
+    let h = p.header;
+    let mut header = RtpHeader {
+        marker: h.marker,
+        payload_type: h.payload_type,
+        sequence_number: h.sequence_number,
+        timestamp: h.timestamp,
+        ssrc: h.ssrc,
+        ..Default::default()
+    };
+    for e in h.extensions {
+        header.extensions.push(e.id, e.payload);
+    }
+    RtpPacket {
+        header,
+        payload: p.payload,
+    }
+}
+
+impl MediaState {
+    pub(super) fn find_track(&self, room: &str, track_id: &str) -> Result<usize, SfuError> {
+        self.rooms
+            .get(room)
+            .and_then(|r| {
+                r.tracks
+                    .iter()
+                    .copied()
+                    .find(|&t| self.tracks[t].track_id == track_id)
+            })
+            .ok_or_else(|| SfuError::UnknownTrack(track_id.to_owned()))
+    }
+
+    /// A publisher's new source (the first packet of an SSRC): a new track, or another layer of
+    /// one it publishes (simulcast, or the same track published again).
+    pub(super) fn on_track(&mut self, key: ConnKey, init: RTCTrackEventInit, now: Instant) {
+        let conn = &mut self.conns[key];
+        let user = conn.user.clone();
+        let (ssrc, rid, track_id) = (init.ssrc, init.rid.clone(), init.track_id.clone());
+        let Some((codec, kind)) = conn.pc.rtp_receiver(init.receiver_id).map(|r| {
+            let t = r.track();
+            (t.codec(ssrc).cloned(), t.kind())
+        }) else {
+            return;
+        };
+        let Some(member) = self.members.get(&user) else {
+            return;
+        };
+        let room = member.room.clone();
+        let in_room = self
+            .rooms
+            .get(&room)
+            .map(|r| r.tracks.clone())
+            .unwrap_or_default();
+        if let Some(&t) = in_room
+            .iter()
+            .find(|&&t| self.tracks[t].track_id == track_id && self.tracks[t].owner == user)
+        {
+            let track = &mut self.tracks[t];
+            track.forwarder.add_layer(ssrc, rid.as_deref());
+            if !track.receivers.iter().any(|(s, _)| *s == ssrc) {
+                track.receivers.push((ssrc, init.receiver_id));
+            }
+            track.publisher = key;
+            self.conns[key].set_inbound(ssrc, Some(t));
+            return;
+        }
+        let Some((codec, forward_codec)) =
+            codec.and_then(|c| Codec::from_mime(&c.mime_type).map(|f| (c, f)))
+        else {
+            warn!(%user, track = %track_id, "unsupported codec: track not forwarded");
+            self.conns[key].set_inbound(ssrc, None);
+            return;
+        };
+        // Subscribers tell tracks apart by id, so an id another member of the room publishes is
+        // refused.
+        if in_room.iter().any(|&t| self.tracks[t].track_id == track_id) {
+            warn!(%user, track = %track_id, "track id in use in the room: not forwarded");
+            self.conns[key].set_inbound(ssrc, None);
+            self.emit(SfuEvent::TrackRefused {
+                user_id: user.clone(),
+                session: member.session.clone(),
+                error: SfuError::TrackIdInUse(track_id),
+            });
+            return;
+        }
+        let ext_ids = sdp::extension_ids(&member.publisher_sdp, &track_id)
+            .into_iter()
+            .filter(|(uri, _)| FORWARDED_EXTENSIONS.contains(&uri.as_str()))
+            .collect();
+        let simulcast = sdp::simulcast_rids(&member.publisher_sdp, &track_id);
+        let mut forwarder = TrackForwarder::new(forward_codec);
+        forwarder.set_rids(&simulcast);
+        forwarder.add_layer(ssrc, rid.as_deref());
+        let t = self.tracks.insert(PublishedTrack {
+            owner: user.clone(),
+            room: room.clone(),
+            track_id: track_id.clone(),
+            kind: match kind {
+                RtpCodecKind::Audio => MediaKind::Audio,
+                _ => MediaKind::Video,
+            },
+            codec,
+            simulcast,
+            muted: false,
+            ext_ids,
+            publisher: key,
+            receivers: vec![(ssrc, init.receiver_id)],
+            forwarder,
+        });
+        self.conns[key].set_inbound(ssrc, Some(t));
+        let r = self.rooms.entry(room.clone()).or_default();
+        r.tracks.push(t);
+        let others: Vec<String> = r.members.iter().filter(|u| **u != user).cloned().collect();
+        info!(%user, track = %track_id, kind = ?self.tracks[t].kind, "track published");
+        self.emit(SfuEvent::TrackPublished {
+            room_id: room,
+            track: self.tracks[t].info(),
+        });
+        for other in others {
+            self.add_down(&other, t, now);
+        }
+    }
+
+    /// Puts a published track on a member's subscriber connection (if it wants it and does not
+    /// have it yet) and asks for renegotiation.
+    pub(super) fn add_down(&mut self, user: &str, t: usize, now: Instant) {
+        let (Some(m), Some(track)) = (self.members.get_mut(user), self.tracks.get_mut(t)) else {
+            return;
+        };
+        if !m.wants(&track.owner, &track.track_id) || m.downs.iter().any(|d| d.track == t) {
+            return;
+        }
+        let (ssrc, rtx_ssrc) = (random_ssrc(), random_ssrc());
+        let (rtc_kind, video) = match track.kind {
+            MediaKind::Audio => (RtpCodecKind::Audio, false),
+            MediaKind::Video => (RtpCodecKind::Video, true),
+        };
+        let conn = &mut self.conns[m.subscriber];
+        // msid "<publisher userId> <publisher track id>": the browser's stream id is the publisher.
+        let local = MediaStreamTrack::new(
+            track.owner.clone(),
+            track.track_id.clone(),
+            track.track_id.clone(),
+            rtc_kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    // Kept only if the subscriber negotiates RTX (rtc drops it otherwise).
+                    rtx: video.then_some(RTCRtpRtxParameters { ssrc: rtx_ssrc }),
+                    ..Default::default()
+                },
+                codec: track.codec.clone(),
+                ..Default::default()
+            }],
+        );
+        let sender = match conn.pc.add_track(local) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%user, track = %track.track_id, "add_track failed: {e}");
+                return;
+            }
+        };
+        let slot = conn.egress.add(ssrc, track.codec.clock_rate, video);
+        let down_id = self.next_down_id;
+        self.next_down_id += 1;
+        let quality = m
+            .quality
+            .get(&(track.owner.clone(), track.track_id.clone()))
+            .copied()
+            .unwrap_or_default();
+        track.forwarder.add_down_track(
+            DownTrackConfig {
+                id: down_id,
+                ssrc,
+                payload_type: None,
+                ext_map: ExtMap::default(),
+                quality,
+            },
+            DownSink {
+                conn: m.subscriber,
+                slot,
+            },
+        );
+        debug!(%user, owner = %track.owner, track = %track.track_id, down_id, "down-track added");
+        m.downs.push(DownEntry {
+            track: t,
+            down_id,
+            sender,
+            slot,
+            ssrc,
+            rtx_ssrc: video.then_some(rtx_ssrc),
+        });
+        m.negotiation.changed(now);
+    }
+
+    pub(super) fn remove_down(&mut self, user: &str, t: usize, now: Instant) {
+        let Some(m) = self.members.get_mut(user) else {
+            return;
+        };
+        let Some(i) = m.downs.iter().position(|d| d.track == t) else {
+            return;
+        };
+        let d = m.downs.swap_remove(i);
+        if let Some(track) = self.tracks.get_mut(t) {
+            track.forwarder.remove_down_track(d.down_id);
+        }
+        let conn = &mut self.conns[m.subscriber];
+        if let Err(e) = conn.pc.remove_track(d.sender) {
+            debug!(%user, "remove_track: {e}");
+        }
+        conn.egress.remove(d.slot);
+        m.negotiation.changed(now);
+        debug!(%user, down_id = d.down_id, "down-track removed");
+    }
+
+    /// After a subscriber answer: each down-track's payload type and extension ids as
+    /// negotiated (`None`: the subscriber did not accept the codec, nothing is sent).
+    pub(super) fn configure_downs(&mut self, user: &str) {
+        let Some(m) = self.members.get(user) else {
+            return;
+        };
+        let conn = &mut self.conns[m.subscriber];
+        for d in &m.downs {
+            let Some(track) = self.tracks.get_mut(d.track) else {
+                continue;
+            };
+            let Some(mut sender) = conn.pc.rtp_sender(d.sender) else {
+                continue;
+            };
+            let rtp = &sender.get_parameters().rtp_parameters;
+            let payload_type = rtp
+                .codecs
+                .iter()
+                .find(|c| {
+                    c.rtp_codec
+                        .mime_type
+                        .eq_ignore_ascii_case(&track.codec.mime_type)
+                })
+                .map(|c| c.payload_type);
+            let rtx_payload_type = payload_type.and_then(|pt| {
+                rtp.codecs
+                    .iter()
+                    .find(|c| {
+                        c.rtp_codec.mime_type.eq_ignore_ascii_case("video/rtx")
+                            && sdp::rtx_apt(&c.rtp_codec.sdp_fmtp_line) == Some(pt)
+                    })
+                    .map(|c| c.payload_type)
+            });
+            if let Some(rtx_ssrc) = d.rtx_ssrc {
+                conn.egress.set_rtx(d.slot, rtx_ssrc, rtx_payload_type);
+            }
+            let mut ext_map = ExtMap::default();
+            for ext in &rtp.header_extensions {
+                if let Some((_, publisher_id)) =
+                    track.ext_ids.iter().find(|(uri, _)| *uri == ext.uri)
+                {
+                    ext_map.insert(*publisher_id, ext.id as u8);
+                }
+            }
+            if payload_type.is_none() {
+                debug!(%user, mime = %track.codec.mime_type, "subscriber did not accept the codec: track not sent");
+            }
+            track.forwarder.configure_down_track(DownTrackConfig {
+                id: d.down_id,
+                ssrc: d.ssrc,
+                payload_type,
+                ext_map,
+                quality: Default::default(), // the forwarder keeps the subscriber's choice
+            });
+        }
+    }
+
+    /// Removes a track from the room and from every subscriber.
+    pub(super) fn unpublish(&mut self, t: usize, now: Instant) {
+        let Some(track) = self.tracks.get(t) else {
+            return;
+        };
+        let (room, publisher) = (track.room.clone(), track.publisher);
+        let members = self
+            .rooms
+            .get(&room)
+            .map(|r| r.members.clone())
+            .unwrap_or_default();
+        for user in members {
+            self.remove_down(&user, t, now);
+        }
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.tracks.retain(|&x| x != t);
+        }
+        if let Some(conn) = self.conns.get_mut(publisher) {
+            for (_, target) in conn.inbound.iter_mut() {
+                if *target == Some(t) {
+                    *target = None;
+                }
+            }
+        }
+        let track = self.tracks.remove(t);
+        info!(user = %track.owner, track = %track.track_id, "track unpublished");
+        self.emit(SfuEvent::TrackUnpublished {
+            room_id: room,
+            track: track.info(),
+        });
+    }
+
+    /// A publisher's packet: fanned out to every down-track, straight into the send batch.
+    pub(super) fn on_rtp(&mut self, key: ConnKey, packet: rtp::Packet, now: Instant) {
+        let Some(Some(t)) = self.conns[key].inbound_track(packet.header.ssrc) else {
+            return; // not forwarded (or its track announcement is still to come)
+        };
+        let packet = from_rtc(packet);
+        let (tracks, conns, batch) = (&mut self.tracks, &mut self.conns, &mut self.batch);
+        let Some(track) = tracks.get_mut(t) else {
+            return;
+        };
+        let keyframe_for =
+            track
+                .forwarder
+                .forward(&packet, now, |sink, header, payload: &Bytes| {
+                    let Some(sub) = conns.get_mut(sink.conn) else {
+                        return;
+                    };
+                    // No SRTP context or no selected pair yet: the connection is not up, nothing to send.
+                    let Some(out) = sub.pc.srtp_egress() else {
+                        return;
+                    };
+                    let route = Route {
+                        to: out.peer_addr,
+                        key: sink.conn as u32,
+                    };
+                    sub.egress
+                        .send(sink.slot, header, payload, now, out.context, route, batch);
+                });
+        if let Some(ssrc) = keyframe_for {
+            self.request_keyframe(t, ssrc, now);
+        }
+    }
+
+    /// Sends a PLI for one layer of a track to its publisher.
+    fn request_keyframe(&mut self, t: usize, media_ssrc: u32, now: Instant) {
+        let Some(track) = self.tracks.get(t) else {
+            return;
+        };
+        let Some(&(_, receiver)) = track.receivers.iter().find(|(s, _)| *s == media_ssrc) else {
+            return;
+        };
+        let publisher = track.publisher;
+        let Some(conn) = self.conns.get_mut(publisher) else {
+            return;
+        };
+        if let Some(mut r) = conn.pc.rtp_receiver(receiver) {
+            let pli = PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc,
+            };
+            if let Err(e) = r.write_rtcp(now, vec![Box::new(pli)]) {
+                debug!("cannot send a PLI upstream: {e}");
+            }
+            self.mark_dirty(publisher);
+        }
+    }
+
+    /// RTCP a client sent: on a subscriber connection, keyframe requests go upstream and NACKs
+    /// are answered from the retransmission buffer.
+    pub(super) fn on_rtcp(
+        &mut self,
+        key: ConnKey,
+        packets: Vec<Box<dyn rtc::rtcp::Packet>>,
+        now: Instant,
+    ) {
+        if self.conns[key].kind != PcKind::Subscriber {
+            return;
+        }
+        for p in packets {
+            let any = p.as_any();
+            if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+                self.keyframe_requested(key, pli.media_ssrc, now);
+            } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+                for entry in &fir.fir {
+                    self.keyframe_requested(key, entry.ssrc, now);
+                }
+            } else if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+                let conn = &mut self.conns[key];
+                let crate::sfu::peer::Connection { pc, egress, .. } = conn;
+                if let Some(out) = pc.srtp_egress() {
+                    let route = Route {
+                        to: out.peer_addr,
+                        key: key as u32,
+                    };
+                    let lost = nack.nacks.iter().flat_map(|pair| (*pair).into_iter());
+                    egress.retransmit(nack.media_ssrc, lost, out.context, route, &mut self.batch);
+                }
+            }
+        }
+    }
+
+    /// A subscriber's PLI or FIR for one of its down-tracks, relayed upstream (throttled).
+    fn keyframe_requested(&mut self, key: ConnKey, ssrc: u32, now: Instant) {
+        let user = &self.conns[key].user;
+        let Some(d) = self
+            .members
+            .get(user)
+            .and_then(|m| m.downs.iter().find(|d| d.ssrc == ssrc))
+        else {
+            return;
+        };
+        let (t, down_id) = (d.track, d.down_id);
+        let layer = self
+            .tracks
+            .get_mut(t)
+            .and_then(|track| track.forwarder.on_keyframe_request(down_id, now));
+        if let Some(layer) = layer {
+            self.request_keyframe(t, layer, now);
+        }
+    }
+}
