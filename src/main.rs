@@ -9,8 +9,10 @@ use tracing_subscriber::EnvFilter;
 
 /// SFU media server with socket.io room signaling.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Subcommand>,
     /// TOML file layered over the built-in defaults (see config/default.toml).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -40,6 +42,12 @@ struct Cli {
     media_loops: Option<usize>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Subcommand {
+    /// Load-test a server's media plane (starts one on loopback unless --url is given).
+    Load(switchboard::load::LoadArgs),
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum LogFormatArg {
     Text,
@@ -49,6 +57,9 @@ enum LogFormatArg {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Subcommand::Load(args)) = cli.command {
+        return load(args).await;
+    }
     let overrides = Overrides {
         listen: cli.listen,
         redis: cli.redis,
@@ -77,6 +88,23 @@ async fn main() -> anyhow::Result<()> {
 
     stop.await;
     server.shutdown().await;
+    Ok(())
+}
+
+async fn load(args: switchboard::load::LoadArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let json = args.json;
+    let report = switchboard::load::run(args).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        switchboard::load::print_table(&report);
+    }
     Ok(())
 }
 

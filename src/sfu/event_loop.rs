@@ -2,7 +2,14 @@
 //! rooms placed on it, and drives them. A received batch is routed, handed to its connections
 //! and fanned out, and everything it caused leaves in one batched send, with no channel, task
 //! switch or lock between a publisher's packet and its subscribers.
+//!
+//! With several loops the kernel spreads clients over their sockets by address, not by room, so
+//! a client's datagrams may reach a loop that does not own its connection. That loop hands them
+//! over, and the owner then opens a socket connected to that client on the same port: the
+//! kernel delivers a connected socket its client's datagrams before any other socket of the
+//! port, so from then on they arrive where they belong.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,6 +29,8 @@ use super::relay::{Command, MediaState};
 
 const SOCKET: Token = Token(0);
 const WAKE: Token = Token(1);
+/// Tokens of the sockets connected to one client start here.
+const FIRST_DIRECT: usize = 2;
 /// Datagrams taken from the socket per `recvmmsg`.
 const RECV_BATCH: usize = 64;
 /// The longest sleep: a command is noticed at once anyway (the waker), this only bounds drift.
@@ -85,6 +94,7 @@ pub fn start(
         let thread = std::thread::Builder::new()
             .name(format!("media-loop-{index}"))
             .spawn(move || {
+                let bound = socket.local_addr();
                 let socket = mio::net::UdpSocket::from_std(socket);
                 let state = MediaState::new(
                     config.settings.clone(),
@@ -94,9 +104,16 @@ pub fn start(
                     config.gso,
                     config.data_channel_limit,
                 );
+                let Ok(bound) = bound else {
+                    error!("media loop {index}: its socket has no address");
+                    return;
+                };
                 let mut event_loop = EventLoop {
                     index,
                     socket,
+                    bound,
+                    direct: slab::Slab::new(),
+                    direct_by_addr: HashMap::new(),
                     poll,
                     inbox,
                     peers,
@@ -114,6 +131,11 @@ pub fn start(
 struct EventLoop {
     index: usize,
     socket: mio::net::UdpSocket,
+    /// The media port's address, for the connected sockets.
+    bound: SocketAddr,
+    /// Sockets connected to one client each (see the module's comment), by token - FIRST_DIRECT.
+    direct: slab::Slab<(SocketAddr, mio::net::UdpSocket)>,
+    direct_by_addr: HashMap<SocketAddr, usize>,
     poll: Poll,
     inbox: mpsc::Receiver<Input>,
     peers: Vec<Mailbox>,
@@ -146,12 +168,56 @@ impl EventLoop {
                 return;
             }
             let now = Instant::now();
+            self.shared.stats.wakeups.fetch_add(1, Ordering::Relaxed);
             if !self.take_inputs(now) {
                 return;
             }
-            self.receive(now);
+            for event in events.iter() {
+                match event.token() {
+                    SOCKET => self.receive(None, now),
+                    WAKE => {}
+                    Token(t) => self.receive(Some(t - FIRST_DIRECT), now),
+                }
+            }
             self.state.handle_timeouts(now);
             self.send(now);
+        }
+    }
+
+    /// Opens a socket connected to `client`, whose datagrams reached another loop first.
+    fn connect_directly(&mut self, client: SocketAddr) {
+        if self.direct_by_addr.contains_key(&client) {
+            return;
+        }
+        let connected = super::io::port::connected(self.bound, client);
+        let mut socket = match connected {
+            Ok(s) => mio::net::UdpSocket::from_std(s),
+            Err(e) => {
+                debug!(%client, "cannot open a socket connected to a client: {e}");
+                return;
+            }
+        };
+        let entry = self.direct.vacant_entry();
+        let token = Token(FIRST_DIRECT + entry.key());
+        if self
+            .poll
+            .registry()
+            .register(&mut socket, token, Interest::READABLE)
+            .is_err()
+        {
+            return;
+        }
+        self.direct_by_addr.insert(client, entry.key());
+        entry.insert((client, socket));
+    }
+
+    /// Closes the connected sockets to clients whose connections are gone.
+    fn disconnect(&mut self, clients: &[SocketAddr]) {
+        for client in clients {
+            if let Some(i) = self.direct_by_addr.remove(client) {
+                let (_, mut socket) = self.direct.remove(i);
+                let _ = self.poll.registry().deregister(&mut socket);
+            }
         }
     }
 
@@ -162,10 +228,16 @@ impl EventLoop {
                 Input::Command(command) => self.state.handle_command(command, now),
                 Input::Datagrams(datagrams) => {
                     for (key, from, data) in datagrams {
+                        if self.state.conns.contains(key) {
+                            self.connect_directly(from);
+                        }
                         self.state.handle_datagram(key, now, from, &data);
                     }
                 }
-                Input::Forget(addrs) => self.state.routes.forget(&addrs),
+                Input::Forget(addrs) => {
+                    self.state.routes.forget(&addrs);
+                    self.disconnect(&addrs);
+                }
                 Input::Shutdown(done) => {
                     self.state.shutdown(now);
                     self.send(now);
@@ -177,11 +249,19 @@ impl EventLoop {
         true
     }
 
-    /// Everything queued on the socket, batch by batch; each batch's output goes out at once.
-    fn receive(&mut self, now: Instant) {
+    /// Everything queued on a socket (the loop's own, or a connected one), batch by batch; each
+    /// batch's output goes out at once.
+    fn receive(&mut self, direct: Option<usize>, now: Instant) {
         let mut handover: Vec<Vec<(ConnKey, SocketAddr, Vec<u8>)>> = Vec::new();
         loop {
-            let n = match self.recv.recv(&self.socket) {
+            let received = match direct {
+                None => self.recv.recv(&self.socket),
+                Some(i) => match self.direct.get(i) {
+                    Some((_, socket)) => self.recv.recv(socket),
+                    None => Ok(0),
+                },
+            };
+            let n = match received {
                 Ok(n) => n,
                 Err(e) => {
                     debug!("media loop {}: recvmmsg: {e}", self.index);
@@ -250,6 +330,7 @@ impl EventLoop {
             .fetch_add(after.failed - before.failed, Ordering::Relaxed);
         let forgotten = std::mem::take(&mut self.state.forgotten);
         if !forgotten.is_empty() {
+            self.disconnect(&forgotten);
             for (i, peer) in self.peers.iter().enumerate() {
                 if i != self.index {
                     peer.send(Input::Forget(forgotten.clone()));

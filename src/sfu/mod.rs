@@ -57,6 +57,8 @@ pub struct Stats {
     pub unrouted: AtomicU64,
     /// Datagrams one loop received for another loop's connection.
     pub handed_over: AtomicU64,
+    /// Times an event loop woke up (a datagram, a command or a timer).
+    pub wakeups: AtomicU64,
 }
 
 /// What the loops and the handle share: the directory (touched on joins and leaves) and

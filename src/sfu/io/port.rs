@@ -41,6 +41,16 @@ pub fn bind(addr: SocketAddr, count: usize) -> Result<Vec<UdpSocket>, PortError>
         .collect()
 }
 
+/// A socket of the port's `SO_REUSEPORT` group connected to one client: the kernel hands it that
+/// client's datagrams in preference to the group's other sockets.
+pub fn connected(bound: SocketAddr, client: SocketAddr) -> Result<UdpSocket, PortError> {
+    let socket = new_socket(bound, true)?;
+    socket
+        .connect(&client.into())
+        .map_err(|e| PortError::Bind(bound, e))?;
+    Ok(socket.into())
+}
+
 fn new_socket(addr: SocketAddr, reuse_port: bool) -> Result<Socket, PortError> {
     let err = |e| PortError::Bind(addr, e);
     let socket =
@@ -50,11 +60,41 @@ fn new_socket(addr: SocketAddr, reuse_port: bool) -> Result<Socket, PortError> {
     }
     socket.set_nonblocking(true).map_err(err)?;
     grow_buffers(&socket);
+    set_dont_fragment(&socket, addr.is_ipv4());
     match socket.bind(&addr.into()) {
         Ok(()) => Ok(socket),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(PortError::InUse(addr)),
         Err(e) => Err(err(e)),
     }
+}
+
+/// Datagrams leave with Don't Fragment set and are never fragmented locally (media packets fit
+/// the path MTU by design). Besides, the kernel then numbers IPv4 datagrams with a per-socket
+/// counter instead of hashing each one (`__ip_select_ident`, 3% of the server's CPU).
+pub fn set_dont_fragment(socket: &impl std::os::fd::AsRawFd, ipv4: bool) {
+    let (level, option, value) = if ipv4 {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_PROBE,
+        )
+    } else {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_PROBE,
+        )
+    };
+    // SAFETY: an int option on a valid socket; failing leaves the default, which also works.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as _,
+        )
+    };
 }
 
 /// Larger receive and send buffers: beyond the system's cap when the process may (as root in a
@@ -103,6 +143,38 @@ mod tests {
             .collect();
         assert_ne!(ports[0], 0);
         assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
+    }
+
+    #[test]
+    fn a_connected_socket_gets_its_clients_datagrams() {
+        let group = bind("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let port = group[0].local_addr().unwrap();
+        let clients: Vec<UdpSocket> = (0..8)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let direct: Vec<UdpSocket> = clients
+            .iter()
+            .map(|c| connected(port, c.local_addr().unwrap()).unwrap())
+            .collect();
+        for (c, d) in clients.iter().zip(&direct) {
+            c.send_to(b"hi", port).unwrap();
+            d.set_nonblocking(false).unwrap();
+            d.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
+            let mut buf = [0u8; 8];
+            let (n, from) = d.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..n], from), (&b"hi"[..], c.local_addr().unwrap()));
+        }
+        // A client without a connected socket still reaches the group.
+        let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+        stranger.send_to(b"yo", port).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut buf = [0u8; 8];
+        let got = group
+            .iter()
+            .filter(|s| s.recv_from(&mut buf).is_ok_and(|(n, _)| &buf[..n] == b"yo"))
+            .count();
+        assert_eq!(got, 1);
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub struct Connection {
     pub connected: bool,
     /// The server's candidates have been sent (after the description they belong to).
     pub candidates_sent: bool,
+    /// Where forwarded packets go: the selected pair's remote address, refreshed whenever the
+    /// connection has handled input or a timeout (the only times the pair can change).
+    pub route: Option<std::net::SocketAddr>,
     pub next_timeout: Option<Instant>,
     remote: RemoteCandidates,
     /// Subscriber: the down-tracks it sends.
@@ -63,6 +66,7 @@ impl Connection {
             ufrag,
             connected: false,
             candidates_sent: false,
+            route: None,
             next_timeout: None,
             remote: RemoteCandidates::default(),
             egress: Egress::default(),

@@ -246,6 +246,7 @@ impl MediaState {
             buf.extend_from_slice(&out.message);
             self.batch.push(key as u32, to, buf);
         }
+        conn.route = conn.pc.selected_pair_addrs().map(|(_, remote)| remote);
         // rtc may report a deadline already past; never spin on it.
         let next = conn.pc.poll_timeout();
         conn.next_timeout = next.map(|t| t.max(now + std::time::Duration::from_millis(1)));
@@ -367,13 +368,15 @@ impl MediaState {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
-            let Connection { pc, egress, .. } = conn;
-            if let Some(out) = pc.srtp_egress() {
+            let Connection {
+                pc, egress, route, ..
+            } = conn;
+            if let (Some(to), Some(srtp)) = (*route, pc.local_srtp_context()) {
                 let route = Route {
-                    to: out.peer_addr,
+                    to,
                     key: key as u32,
                 };
-                egress.send_reports(now, wall, out.context, route, &mut self.batch);
+                egress.send_reports(now, wall, srtp, route, &mut self.batch);
             }
         }
         self.due = due;

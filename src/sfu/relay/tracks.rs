@@ -361,16 +361,16 @@ impl MediaState {
                     let Some(sub) = conns.get_mut(sink.conn) else {
                         return;
                     };
-                    // No SRTP context or no selected pair yet: the connection is not up, nothing to send.
-                    let Some(out) = sub.pc.srtp_egress() else {
+                    // No selected pair or no SRTP context yet: the connection is not up, nothing to send.
+                    let (Some(to), Some(srtp)) = (sub.route, sub.pc.local_srtp_context()) else {
                         return;
                     };
                     let route = Route {
-                        to: out.peer_addr,
+                        to,
                         key: sink.conn as u32,
                     };
                     sub.egress
-                        .send(sink.slot, header, payload, now, out.context, route, batch);
+                        .send(sink.slot, header, payload, now, srtp, route, batch);
                 });
         if let Some(ssrc) = keyframe_for {
             self.request_keyframe(t, ssrc, now);
@@ -422,14 +422,16 @@ impl MediaState {
                 }
             } else if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
                 let conn = &mut self.conns[key];
-                let crate::sfu::peer::Connection { pc, egress, .. } = conn;
-                if let Some(out) = pc.srtp_egress() {
+                let crate::sfu::peer::Connection {
+                    pc, egress, route, ..
+                } = conn;
+                if let (Some(to), Some(srtp)) = (*route, pc.local_srtp_context()) {
                     let route = Route {
-                        to: out.peer_addr,
+                        to,
                         key: key as u32,
                     };
                     let lost = nack.nacks.iter().flat_map(|pair| (*pair).into_iter());
-                    egress.retransmit(nack.media_ssrc, lost, out.context, route, &mut self.batch);
+                    egress.retransmit(nack.media_ssrc, lost, srtp, route, &mut self.batch);
                 }
             }
         }

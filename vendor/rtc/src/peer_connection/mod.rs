@@ -252,8 +252,6 @@ mod srtp_egress;
 pub mod state;
 pub mod transport;
 
-pub use srtp_egress::RTCSrtpEgress;
-
 use crate::data_channel::init::RTCDataChannelInit;
 use crate::data_channel::parameters::DataChannelParameters;
 use crate::data_channel::registry::DataChannelRegistry;
