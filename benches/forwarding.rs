@@ -1,15 +1,31 @@
-//! The forwarding core's fan-out: one 1000-byte VP8 packet to 1, 10, 100 and 1000 down-tracks,
-//! each with its own SSRC, payload type, offsets and one mapped header extension. Throughput is
-//! in down-tracks, so criterion's time per element is the cost per packet per down-track.
+//! The forwarding path without a network, each bench asserting that its packets arrived:
+//!
+//! - `fanout/N`: the forwarding core alone, one 1000-byte VP8 packet to N down-tracks, each with
+//!   its own SSRC, payload type, offsets and one mapped header extension (per element: one
+//!   packet to one down-track).
+//! - `srtp/*`: protecting one forwarded 1000-byte packet: rtc-srtp's own `encrypt_rtp` (a new
+//!   buffer per packet) against the in-place protect of the vendor/rtc-srtp patch, for AES-GCM
+//!   and AES-CM + HMAC-SHA1.
+//! - `egress/N`: what the server does per subscriber after the core: header written into a
+//!   reused buffer, payload copied, SRTP in place (AES-GCM, one context per subscriber), queued;
+//!   then the batch assembled into sendmmsg/GSO messages (the syscall left out).
+//! - `demux/*`: routing a datagram: a known address (the steady state), and the STUN username
+//!   of a first contact.
 
 use std::hint::black_box;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rtc::srtp::context::Context;
+use rtc::srtp::protection_profile::ProtectionProfile;
+use switchboard::sfu::egress::{Egress, Route, protect_rtp};
 use switchboard::sfu::forward::{
-    Codec, DownTrackConfig, ExtMap, Quality, RtpHeader, RtpPacket, TrackForwarder,
+    Codec, DownTrackConfig, ExtMap, Quality, RtpHeader, RtpPacket, TrackForwarder, write_header,
 };
+use switchboard::sfu::io::router::{ConnRef, Router, Routes};
+use switchboard::sfu::io::{SendBatch, stun};
 
 fn forwarder(downs: u64) -> TrackForwarder<u64> {
     let mut f = TrackForwarder::new(Codec::Vp8);
@@ -48,6 +64,13 @@ fn packet(seq: u16, keyframe: bool) -> RtpPacket {
     }
 }
 
+fn srtp_context(profile: ProtectionProfile, seed: u8) -> Context {
+    let crypto = rtc::crypto::default_provider().expect("a crypto provider");
+    let key = vec![seed; profile.key_len()];
+    let salt = vec![seed ^ 0x5A; profile.salt_len()];
+    Context::new(&key, &salt, profile, None, None, crypto.crypto()).expect("an SRTP context")
+}
+
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout");
     for downs in [1u64, 10, 100, 1000] {
@@ -81,5 +104,140 @@ fn fanout(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fanout);
+fn srtp(c: &mut Criterion) {
+    let mut group = c.benchmark_group("srtp");
+    group.throughput(Throughput::Elements(1));
+    let p = packet(1, false);
+    for (name, profile) in [
+        ("aes-gcm", ProtectionProfile::AeadAes128Gcm),
+        ("aes-cm-hmac-sha1", ProtectionProfile::Aes128CmHmacSha1_80),
+    ] {
+        let mut header = p.header.clone();
+        let mut plain = Vec::new();
+        group.bench_function(format!("{name}/allocating"), |b| {
+            let mut ctx = srtp_context(profile, 1);
+            let mut bytes = 0usize;
+            b.iter(|| {
+                header.sequence_number = header.sequence_number.wrapping_add(1);
+                write_header(&header, &mut plain);
+                plain.extend_from_slice(&p.payload);
+                let out = ctx.encrypt_rtp(&plain).expect("protects");
+                bytes += black_box(out.len());
+            });
+            assert!(bytes > 0);
+        });
+        group.bench_function(format!("{name}/in-place"), |b| {
+            let mut ctx = srtp_context(profile, 1);
+            let mut buf = Vec::with_capacity(2048);
+            let mut bytes = 0usize;
+            b.iter(|| {
+                header.sequence_number = header.sequence_number.wrapping_add(1);
+                protect_rtp(&mut ctx, &header, &p.payload, &mut buf).expect("protects");
+                bytes += black_box(buf.len());
+            });
+            assert!(bytes > 0);
+        });
+    }
+    group.finish();
+}
+
+fn egress(c: &mut Criterion) {
+    let mut group = c.benchmark_group("egress");
+    for subscribers in [10u64, 50] {
+        group.throughput(Throughput::Elements(subscribers));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(subscribers),
+            &subscribers,
+            |b, &n| {
+                let mut f = forwarder(n);
+                let mut egress: Vec<(Egress, usize, Context)> = (0..n)
+                    .map(|i| {
+                        let mut e = Egress::default();
+                        let slot = e.add(0x10_0000 + i as u32, 90_000);
+                        (
+                            e,
+                            slot,
+                            srtp_context(ProtectionProfile::AeadAes128Gcm, i as u8),
+                        )
+                    })
+                    .collect();
+                let mut batch = SendBatch::new(true);
+                let start = Instant::now();
+                f.forward(&packet(0, true), start, |_, _, _| {});
+                let mut p = packet(1, false);
+                let (mut packets, mut datagrams) = (0u64, 0u64);
+                b.iter(|| {
+                    p.header.sequence_number = p.header.sequence_number.wrapping_add(1);
+                    packets += 1;
+                    f.forward(&p, start, |sink, h, payload| {
+                        let (e, slot, ctx) = &mut egress[*sink as usize];
+                        let to = SocketAddr::from(([127, 0, 0, 1], 20_000 + *sink as u16));
+                        let route = Route {
+                            to,
+                            key: *sink as u32,
+                        };
+                        e.send(*slot, h, payload, start, ctx, route, &mut batch);
+                    });
+                    datagrams += batch.assemble_and_discard() as u64;
+                });
+                assert_eq!(
+                    datagrams,
+                    packets * n,
+                    "every subscriber's datagram was queued"
+                );
+            },
+        );
+    }
+    group.finish();
+}
+
+fn demux(c: &mut Criterion) {
+    let mut group = c.benchmark_group("demux");
+    group.throughput(Throughput::Elements(1));
+    let router = Router::default();
+    let mut routes = Routes::new(0, router.clone());
+    let conns: Vec<SocketAddr> = (0..100)
+        .map(|i| SocketAddr::from(([127, 0, 0, 1], 30_000 + i)))
+        .collect();
+    for (i, addr) in conns.iter().enumerate() {
+        routes.learn(*addr, i);
+    }
+    let rtp = [0x80u8; 1012];
+    group.bench_function("known-address", |b| {
+        let mut i = 0;
+        let mut found = 0usize;
+        b.iter(|| {
+            i = (i + 1) % conns.len();
+            found += routes.route(conns[i], &rtp).map_or(0, |c| c.key + 1);
+        });
+        assert!(found > 0);
+    });
+    // A binding request: USERNAME after a PRIORITY attribute, as browsers send it.
+    let mut request = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    request.extend_from_slice(&[7; 12]);
+    request.extend_from_slice(&[0x00, 0x24, 0x00, 0x04, 1, 2, 3, 4]);
+    let username = b"AbCdEfGhIjKlMnOp:remoteUfrag";
+    request.extend_from_slice(&[0x00, 0x06, 0x00, username.len() as u8]);
+    request.extend_from_slice(username);
+    while request.len() % 4 != 0 {
+        request.push(0);
+    }
+    let attrs = (request.len() - 20) as u16;
+    request[2..4].copy_from_slice(&attrs.to_be_bytes());
+    router.register(
+        "AbCdEfGhIjKlMnOp",
+        ConnRef {
+            loop_index: 0,
+            key: 7,
+        },
+    );
+    group.bench_function("stun-username", |b| {
+        let mut n = 0usize;
+        b.iter(|| n += stun::local_ufrag(black_box(&request)).map_or(0, |u| u.len()));
+        assert!(n > 0);
+    });
+    group.finish();
+}
+
+criterion_group!(benches, fanout, srtp, egress, demux);
 criterion_main!(benches);

@@ -454,6 +454,60 @@ async fn media_sessions(node: &Process) -> u64 {
     healthz(node.addr).await["mediaSessions"].as_u64().unwrap()
 }
 
+/// The local ports of a process's UDP sockets (from /proc: its socket inodes, then the kernel's
+/// UDP tables).
+fn udp_ports_of(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() > 9 && inodes.iter().any(|i| i == fields[9]) {
+                let port = fields[1].rsplit(':').next().unwrap();
+                ports.push(u16::from_str_radix(port, 16).unwrap());
+            }
+        }
+    }
+    ports
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_media_goes_through_one_udp_port() {
+    let node = Process::spawn(&["--media-loops", "2"], &[("RUST_LOG", "warn")]);
+    let addr = node.addr;
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, true).await;
+    let c = TestPeer::join(addr, "carol", "R", 3, false).await;
+    let flowing = eventually(MEDIA_WAIT, || {
+        receives_exactly(&a, &[("bob", 2)])
+            && receives_exactly(&b, &[("alice", 1)])
+            && receives_exactly(&c, &[("alice", 1), ("bob", 2)])
+    })
+    .await;
+    assert!(flowing, "{}\n{}\n{}", a.summary(), b.summary(), c.summary());
+    let port = healthz(addr).await["media"]["port"].as_u64().unwrap() as u16;
+    let ports = udp_ports_of(node.child.id());
+    // One socket per event loop, and any a loop connected to one client: all on that port.
+    assert!(ports.len() >= 2, "{ports:?}");
+    assert!(
+        ports.iter().all(|p| *p == port),
+        "media port {port}, sockets on {ports:?}"
+    );
+    for p in [a, b, c] {
+        p.close().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_join_leave_cycles_leave_nothing_behind() {
     // The server in its own process, so that only its own resources are counted.

@@ -1,7 +1,8 @@
 //! The floor: what sending the same datagrams costs with no WebRTC at all. A bare UDP sender
-//! sends, on each publisher's schedule, each of its packets to each of that room's receivers
-//! (one `sendmmsg` per publisher step, packets of one step to one receiver as a GSO run: the
-//! best batching the SFU could do for that traffic), and its thread's CPU time per datagram is
+//! sends, on the publishers' schedule (the same as the load run's: independent publishers whose
+//! steps are spread over the step interval), each of their packets to each of that room's
+//! receivers: whatever is due when it wakes goes out in one `sendmmsg`, packets to one receiver
+//! as a GSO run, the best batching a forwarder woken by those arrivals could do. Its thread's CPU time per datagram is
 //! the figure. On loopback that includes the receivers' kernel work, which loopback charges to
 //! the sender, as it does for the SFU.
 
@@ -16,6 +17,7 @@ use super::Shape;
 use super::cpu::thread_cpu;
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct FloorReport {
     pub datagrams: u64,
     pub seconds: f64,
@@ -62,7 +64,8 @@ pub fn measure(
     Ok(report)
 }
 
-/// The sender: each publisher's steps in time order.
+/// The sender: each publisher's steps on its own schedule; what is due at a wake-up goes out in
+/// one batch.
 fn send(
     socket: &UdpSocket,
     shape: &Shape,
@@ -79,45 +82,49 @@ fn send(
     let publishers: Vec<(usize, usize)> = (0..rooms.len())
         .flat_map(|r| (0..shape.publishers).map(move |p| (r, p)))
         .collect();
-    let phase = |i: usize| step.mul_f64(i as f64 / publishers.len().max(1) as f64);
+    // The same spread of the publishers' steps as the load run's.
+    let phase = |i: usize| shape.phase(i);
     let mut steps_done = vec![0u64; publishers.len()];
     let mut carry = vec![0.0f64; publishers.len()];
     let (mut measured_from, mut cpu0, mut sent0) = (None, Duration::ZERO, 0);
     let end = start + warmup + seconds;
     loop {
-        // The publisher whose next step is earliest.
-        let (i, due) = publishers
-            .iter()
-            .enumerate()
-            .map(|(i, _)| (i, start + phase(i) + step * steps_done[i] as u32))
-            .min_by_key(|(_, t)| *t)
+        // Sleep until the earliest publisher step, then send every step due by then in one
+        // batch, as a forwarder woken by arrivals would.
+        let next = (0..publishers.len())
+            .map(|i| start + phase(i) + step * steps_done[i] as u32)
+            .min()
             .expect("at least one publisher");
-        if due >= end {
+        if next >= end {
             break;
         }
         let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
+        if next > now {
+            std::thread::sleep(next - now);
         }
-        if measured_from.is_none() && Instant::now() >= start + warmup {
-            measured_from = Some(Instant::now());
+        let now = Instant::now();
+        if measured_from.is_none() && now >= start + warmup {
+            measured_from = Some(now);
             cpu0 = thread_cpu();
             sent0 = batch.stats.datagrams;
         }
-        steps_done[i] += 1;
-        carry[i] += per_step;
-        let packets = carry[i].floor() as usize;
-        carry[i] -= packets as f64;
-        let (room, publisher) = publishers[i];
-        for (k, &to) in rooms[room].iter().enumerate() {
-            // Members that publish receive everyone but themselves.
-            if shape.publishers_receive && k == publisher {
-                continue;
-            }
-            for _ in 0..packets {
-                let mut buf = batch.buffer();
-                buf.resize(datagram_bytes, 0xAB);
-                batch.push(k as u32, to, buf);
+        for (i, &(room, publisher)) in publishers.iter().enumerate() {
+            while start + phase(i) + step * steps_done[i] as u32 <= now {
+                steps_done[i] += 1;
+                carry[i] += per_step;
+                let packets = carry[i].floor() as usize;
+                carry[i] -= packets as f64;
+                for (k, &to) in rooms[room].iter().enumerate() {
+                    // Members that publish receive everyone but themselves.
+                    if shape.publishers_receive && k == publisher {
+                        continue;
+                    }
+                    for _ in 0..packets {
+                        let mut buf = batch.buffer();
+                        buf.resize(datagram_bytes, 0xAB);
+                        batch.push((room * 1000 + k) as u32, to, buf);
+                    }
+                }
             }
         }
         batch.flush(socket);

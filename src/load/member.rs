@@ -98,6 +98,10 @@ pub struct Sending {
     pub pacing: Pacing,
     /// Data-channel messages per second (0: no channel).
     pub data_rate: f64,
+    /// Steps fall at `epoch + phase + k * step`: publishers are independent senders, their
+    /// steps spread over the step interval (browsers do not tick together).
+    pub epoch: Instant,
+    pub phase: Duration,
 }
 
 pub struct Member {
@@ -231,13 +235,14 @@ async fn start_publisher(
     }
     let keyframe = Arc::new(AtomicBool::new(true));
     tokio::spawn(watch_keyframe_requests(video.clone(), keyframe.clone()));
-    tokio::spawn(send_video(
-        video,
-        sending,
-        keyframe,
+    let (handle, stats_, running_) = (
+        tokio::runtime::Handle::current(),
         stats.clone(),
         running.clone(),
-    ));
+    );
+    std::thread::Builder::new()
+        .name(format!("send-{user}"))
+        .spawn(move || send_video(video, sending, keyframe, stats_, running_, handle))?;
     if let Some(channel) = channel {
         tokio::spawn(send_data(
             channel,
@@ -269,13 +274,16 @@ async fn watch_keyframe_requests(video: Arc<TrackLocalStaticRTP>, keyframe: Arc<
 }
 
 /// VP8 packets of `payload_bytes`, a frame every 1/30 s: paced (packets spread in 2 ms steps,
-/// as a browser's pacer does) or in bursts (a frame's packets at once).
-async fn send_video(
+/// as a browser's pacer sends) or in bursts (a frame's packets at once). A thread of its own
+/// keeps the steps on time (tokio's timers have a 1 ms resolution, which would make every
+/// publisher send at the same instant).
+fn send_video(
     video: Arc<TrackLocalStaticRTP>,
     sending: Sending,
     keyframe: Arc<AtomicBool>,
     stats: Arc<MemberStats>,
     running: Arc<AtomicBool>,
+    runtime: tokio::runtime::Handle,
 ) {
     let payload = |key: bool| {
         let mut p = vec![0xABu8; sending.payload_bytes.max(3)];
@@ -286,12 +294,18 @@ async fn send_video(
     let (key_payload, delta_payload) = (payload(true), payload(false));
     let (step, per_step) = super::schedule(sending.pacing, sending.pps);
     let per_frame = (sending.pps / 30.0).max(1.0);
-    let mut tick = tokio::time::interval(step);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let (mut carry, mut seq, mut sent) = (0.0f64, 0u16, 0u64);
     let mut last_keyframe = Instant::now();
+    let mut due = sending.epoch + sending.phase;
+    while due < Instant::now() {
+        due += step;
+    }
     while running.load(Ordering::Relaxed) {
-        tick.tick().await;
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        due += step;
         carry += per_step;
         while carry >= 1.0 {
             carry -= 1.0;
@@ -322,7 +336,7 @@ async fn send_video(
                     delta_payload.clone()
                 },
             };
-            if video.write_rtp(p).await.is_ok() {
+            if runtime.block_on(video.write_rtp(p)).is_ok() {
                 stats.packets_sent.fetch_add(1, Ordering::Relaxed);
             }
             sent += 1;

@@ -127,6 +127,15 @@ impl Shape {
     pub fn schedule(&self) -> (Duration, f64) {
         schedule(self.pacing, self.pps)
     }
+
+    /// When in the step publisher `index` (of all rooms) sends: spread evenly, as independent
+    /// senders are.
+    pub fn phase(&self, index: usize) -> Duration {
+        let publishers = (self.rooms * self.publishers).max(1);
+        self.schedule()
+            .0
+            .mul_f64((index % publishers) as f64 / publishers as f64)
+    }
 }
 
 /// Paced: 2 ms steps; burst: a frame's packets every 1/30 s.
@@ -326,18 +335,25 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         Srtp::AesCm => ClientFactory::new([127, 0, 0, 1].into())
             .with_srtp_profiles(&[SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80]),
     };
-    let sending = Sending {
+    let epoch = Instant::now();
+    let sending = |index: usize| Sending {
         pps,
         payload_bytes: args.payload_bytes,
         pacing: args.pacing,
         data_rate: args.data_rate,
+        epoch,
+        phase: shape.phase(index),
     };
     // Everyone joins at once, as at the start of a meeting.
     let mut joins = Vec::new();
     for r in 0..args.rooms {
         let room = format!("load{r}");
         for p in 0..args.publishers {
-            joins.push((format!("r{r}p{p}"), room.clone(), Some(sending)));
+            joins.push((
+                format!("r{r}p{p}"),
+                room.clone(),
+                Some(sending(r * args.publishers + p)),
+            ));
         }
         for s in 0..args.subscribers {
             joins.push((format!("r{r}s{s}"), room.clone(), None));

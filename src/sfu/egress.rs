@@ -1,8 +1,9 @@
 //! The lean send path of a subscriber connection. Forwarded RTP is written (rewritten header,
 //! shared payload) into a reused buffer and protected there with the connection's SRTP context,
 //! with no trip through webrtc's handler pipeline and interceptors (see vendor/rtc/PATCH.md).
-//! Since the interceptors never see these packets, this also keeps what they would have: a
-//! retransmission buffer that answers the subscriber's NACKs, and the sender reports.
+//! Since the interceptors never see these packets, this also does what they would have:
+//! retransmissions (the packets come from the track's buffer in the forwarding core) and sender
+//! reports.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
@@ -16,11 +17,6 @@ use slab::Slab;
 use super::forward::{RtpHeader, write_header};
 use super::io::SendBatch;
 
-/// Packets a video down-track keeps for retransmission: 2.5 s of 200 packets/s video.
-const HISTORY: usize = 512;
-/// Longest header kept for retransmission (fixed part, one-byte extensions of the forwarded
-/// kinds); a longer one is sent but not kept.
-const MAX_KEPT_HEADER: usize = 64;
 /// Sender reports go out about this often per down-track (RFC 3550 allows 5 s; browsers use 1 s).
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Seconds from the NTP epoch (1900) to the Unix epoch (1970).
@@ -51,7 +47,6 @@ pub struct Route {
 #[derive(Default)]
 pub struct Egress {
     downs: Slab<DownEgress>,
-    next_report: Option<Instant>,
     /// Packets that could not be protected (counted, not sent).
     pub failed: u64,
 }
@@ -68,7 +63,6 @@ pub struct DownEgress {
     octets: u32,
     /// Output timestamp of the newest packet sent, and when.
     last: Option<(u32, Instant)>,
-    history: Option<Box<[Kept]>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,29 +82,9 @@ impl Rtx {
     }
 }
 
-/// A sent packet kept for retransmission: its plaintext header and its payload.
-#[derive(Clone)]
-struct Kept {
-    seq: u16,
-    header_len: u8,
-    header: [u8; MAX_KEPT_HEADER],
-    payload: Bytes,
-}
-
-impl Default for Kept {
-    fn default() -> Self {
-        Kept {
-            seq: 0,
-            header_len: 0,
-            header: [0; MAX_KEPT_HEADER],
-            payload: Bytes::new(),
-        }
-    }
-}
-
 impl Egress {
-    /// Adds a down-track; returns its slot. Video keeps packets for retransmission.
-    pub fn add(&mut self, ssrc: u32, clock_rate: u32, video: bool) -> usize {
+    /// Adds a down-track; returns its slot.
+    pub fn add(&mut self, ssrc: u32, clock_rate: u32) -> usize {
         self.downs.insert(DownEgress {
             ssrc,
             rtx: None,
@@ -118,7 +92,6 @@ impl Egress {
             packets: 0,
             octets: 0,
             last: None,
-            history: video.then(|| vec![Kept::default(); HISTORY].into_boxed_slice()),
         })
     }
 
@@ -164,19 +137,7 @@ impl Egress {
             return false;
         };
         let mut buf = batch.buffer();
-        write_header(header, &mut buf);
-        let header_len = buf.len();
-        if let Some(history) = &mut down.history
-            && header_len <= MAX_KEPT_HEADER
-        {
-            let kept = &mut history[header.sequence_number as usize % HISTORY];
-            kept.seq = header.sequence_number;
-            kept.header_len = header_len as u8;
-            kept.header[..header_len].copy_from_slice(&buf);
-            kept.payload = payload.clone();
-        }
-        buf.extend_from_slice(payload);
-        if srtp.encrypt_rtp_in_place(&mut buf, header_len).is_err() {
+        if protect_rtp(srtp, header, payload, &mut buf).is_err() {
             self.failed += 1;
             batch.recycle(buf);
             return false;
@@ -193,62 +154,48 @@ impl Egress {
         true
     }
 
-    /// Sends again the packets a NACK asks for that are still kept (as RTX where negotiated);
-    /// returns how many.
-    pub fn retransmit(
+    /// Sends a packet again that the subscriber lost (`header` as first sent to it): as RTX
+    /// where negotiated. `false` if it could not be protected.
+    pub fn resend(
         &mut self,
-        ssrc: u32,
-        lost: impl Iterator<Item = u16>,
+        slot: usize,
+        header: &RtpHeader,
+        payload: &[u8],
         srtp: &mut Context,
         route: Route,
         batch: &mut SendBatch,
-    ) -> usize {
-        let Some(down) = self
-            .downs
-            .iter_mut()
-            .map(|(_, d)| d)
-            .find(|d| d.ssrc == ssrc)
-        else {
-            return 0;
+    ) -> bool {
+        let Some(down) = self.downs.get_mut(slot) else {
+            return false;
         };
-        let Some(history) = &down.history else {
-            return 0;
-        };
-        let mut sent = 0;
-        for seq in lost {
-            let kept = &history[seq as usize % HISTORY];
-            if kept.seq != seq || kept.header_len == 0 {
-                continue; // never sent, or overwritten since
-            }
-            let header_len = kept.header_len as usize;
-            let mut buf = batch.buffer();
-            buf.extend_from_slice(&kept.header[..header_len]);
-            if let Some(rtx) = &mut down.rtx {
+        let mut buf = batch.buffer();
+        let protected = match &mut down.rtx {
+            None => protect_rtp(srtp, header, payload, &mut buf),
+            Some(rtx) => {
                 // Same header but payload type, sequence number and SSRC; the original sequence
                 // number leads the payload.
-                buf[1] = (buf[1] & 0x80) | (rtx.payload_type & 0x7F);
-                buf[2..4].copy_from_slice(&rtx.next_seq.to_be_bytes());
-                buf[8..12].copy_from_slice(&rtx.ssrc.to_be_bytes());
+                let mut h = header.clone();
+                (h.payload_type, h.sequence_number, h.ssrc) =
+                    (rtx.payload_type, rtx.next_seq, rtx.ssrc);
                 rtx.next_seq = rtx.next_seq.wrapping_add(1);
-                buf.extend_from_slice(&seq.to_be_bytes());
+                write_header(&h, &mut buf);
+                let header_len = buf.len();
+                buf.extend_from_slice(&header.sequence_number.to_be_bytes());
+                buf.extend_from_slice(payload);
+                srtp.encrypt_rtp_in_place(&mut buf, header_len)
             }
-            buf.extend_from_slice(&kept.payload);
-            if srtp.encrypt_rtp_in_place(&mut buf, header_len).is_err() {
-                batch.recycle(buf);
-                continue;
-            }
-            batch.push(route.key, route.to, buf);
-            sent += 1;
+        };
+        if protected.is_err() {
+            self.failed += 1;
+            batch.recycle(buf);
+            return false;
         }
-        sent
+        batch.push(route.key, route.to, buf);
+        true
     }
 
-    /// When the next sender reports are due (`None`: nothing sent yet).
-    pub fn next_report(&self) -> Option<Instant> {
-        self.next_report
-    }
-
-    /// Sends a sender report for every down-track that has sent packets, if they are due.
+    /// Sends a sender report for every down-track that has sent packets (the event loop calls
+    /// this every [`REPORT_INTERVAL`]).
     pub fn send_reports(
         &mut self,
         now: Instant,
@@ -257,12 +204,6 @@ impl Egress {
         route: Route,
         batch: &mut SendBatch,
     ) {
-        match self.next_report {
-            Some(due) if due > now => return,
-            None if self.downs.iter().all(|(_, d)| d.packets == 0) => return,
-            _ => {}
-        }
-        self.next_report = Some(now + REPORT_INTERVAL);
         let ntp = ntp_time(wall);
         for (_, down) in self.downs.iter().filter(|(_, d)| d.packets > 0) {
             let Some((ts, at)) = down.last else { continue };
@@ -382,93 +323,67 @@ mod tests {
     }
 
     #[test]
-    fn a_nack_is_answered_with_the_packets_still_kept() {
+    fn a_lost_packet_goes_again_as_sent_or_as_rtx() {
         let profile = ProtectionProfile::AeadAes128Gcm;
         let (mut srtp, mut receiver) = (context(profile), context(profile));
         let mut egress = Egress::default();
-        let video = egress.add(0xCAFE, 90_000, true);
+        let video = egress.add(0xCAFE, 90_000);
         let mut batch = SendBatch::new(false);
-        let now = Instant::now();
-        for seq in 0..600u16 {
-            let payload = Bytes::from(vec![seq as u8; 100]);
-            assert!(egress.send(
+        let payload = vec![7u8; 100];
+        let h = header(599);
+        assert!(egress.resend(video, &h, &payload, &mut srtp, route(), &mut batch));
+        let plain = sent(&mut batch, &mut receiver, false);
+        let mut expected = Vec::new();
+        write_header(&h, &mut expected);
+        expected.extend_from_slice(&payload);
+        assert_eq!(
+            plain,
+            vec![expected.clone()],
+            "without RTX: the packet as first sent"
+        );
+        // With RTX negotiated: the RTX stream's SSRC, payload type and own sequence numbers,
+        // the original sequence number first in the payload, the rest of the header as sent.
+        egress.set_rtx(video, 0xBEEF, Some(97));
+        for seq in [599u16, 598] {
+            assert!(egress.resend(
                 video,
                 &header(seq),
                 &payload,
-                now,
                 &mut srtp,
                 route(),
                 &mut batch
             ));
         }
-        let first = sent(&mut batch, &mut receiver, false);
-        assert_eq!(first.len(), 600);
-        // 599 and 100 are kept; 50 was overwritten (512 kept); 700 was never sent.
-        let n = egress.retransmit(
-            0xCAFE,
-            [599u16, 50, 100, 700].into_iter(),
-            &mut srtp,
-            route(),
-            &mut batch,
-        );
-        assert_eq!(n, 2);
-        let mut again = Vec::new();
-        let mut replay_free = context(profile); // the first receiver rejects replays
-        for d in batch.drain_for_test() {
-            again.push(replay_free.decrypt_rtp(&d).unwrap().to_vec());
-        }
-        assert_eq!(again, vec![first[599].clone(), first[100].clone()]);
-        // With RTX negotiated: the RTX stream's SSRC, payload type and own sequence numbers,
-        // the original sequence number first in the payload, the rest of the header as sent.
-        egress.set_rtx(video, 0xBEEF, Some(97));
-        assert_eq!(
-            egress.retransmit(
-                0xCAFE,
-                [599u16, 598].into_iter(),
-                &mut srtp,
-                route(),
-                &mut batch
-            ),
-            2
-        );
-        let rtx: Vec<Vec<u8>> = batch
-            .drain_for_test()
-            .iter()
-            .map(|d| receiver.decrypt_rtp(d).unwrap().to_vec())
-            .collect();
+        let rtx = sent(&mut batch, &mut receiver, false);
         for (packet, original) in rtx.iter().zip([599u16, 598]) {
-            let o = &first[original as usize];
             let header_len = 12 + 8; // one one-byte extension, padded
             assert_eq!(packet[1], 0x80 | 97, "marker kept, RTX payload type");
             assert_eq!(&packet[8..12], &0xBEEFu32.to_be_bytes());
-            assert_eq!(&packet[4..8], &o[4..8], "timestamp kept");
+            assert_eq!(
+                &packet[4..8],
+                &header(original).timestamp.to_be_bytes(),
+                "timestamp kept"
+            );
             assert_eq!(
                 &packet[12..header_len],
-                &o[12..header_len],
+                &expected[12..header_len],
                 "extensions kept"
             );
             assert_eq!(&packet[header_len..header_len + 2], &original.to_be_bytes());
-            assert_eq!(&packet[header_len + 2..], &o[header_len..]);
+            assert_eq!(&packet[header_len + 2..], &payload[..]);
         }
         let rtx_seq = |p: &Vec<u8>| u16::from_be_bytes([p[2], p[3]]);
         assert_eq!(rtx_seq(&rtx[1]), rtx_seq(&rtx[0]).wrapping_add(1));
-        // Audio keeps nothing.
-        let audio = egress.add(0xA0D1, 48_000, false);
-        let mut h = header(1);
-        h.ssrc = 0xA0D1;
-        egress.send(
-            audio,
-            &h,
-            &Bytes::from_static(b"x"),
-            now,
-            &mut srtp,
-            route(),
-            &mut batch,
-        );
-        batch.drain_for_test();
+        // A renegotiation that keeps RTX keeps its numbering; one without RTX drops it.
+        egress.set_rtx(video, 0xBEEF, Some(97));
+        assert!(egress.resend(video, &header(1), &payload, &mut srtp, route(), &mut batch));
+        let again = sent(&mut batch, &mut receiver, false);
+        assert_eq!(rtx_seq(&again[0]), rtx_seq(&rtx[1]).wrapping_add(1));
+        egress.set_rtx(video, 0xBEEF, None);
+        assert!(egress.resend(video, &header(2), &payload, &mut srtp, route(), &mut batch));
         assert_eq!(
-            egress.retransmit(0xA0D1, [1u16].into_iter(), &mut srtp, route(), &mut batch),
-            0
+            &sent(&mut batch, &mut receiver, false)[0][8..12],
+            &0xCAFEu32.to_be_bytes()
         );
     }
 
@@ -477,7 +392,7 @@ mod tests {
         let profile = ProtectionProfile::Aes128CmHmacSha1_80;
         let (mut srtp, mut receiver) = (context(profile), context(profile));
         let mut egress = Egress::default();
-        let slot = egress.add(0xCAFE, 90_000, true);
+        let slot = egress.add(0xCAFE, 90_000);
         let mut batch = SendBatch::new(false);
         let t0 = Instant::now();
         let wall = SystemTime::now();
@@ -508,15 +423,6 @@ mod tests {
             "100 ms at 90 kHz after the last packet"
         );
         assert_eq!(sr.ntp_time, ntp_time(wall));
-        // Not again before the interval.
-        egress.send_reports(
-            later + Duration::from_millis(10),
-            wall,
-            &mut srtp,
-            route(),
-            &mut batch,
-        );
-        assert!(batch.is_empty());
     }
 
     #[test]

@@ -169,17 +169,7 @@ impl<S> DownTrack<S> {
                 s.first_in_seq = None;
             }
         }
-        out.marker = h.marker;
-        out.payload_type = pt;
-        out.sequence_number = h.sequence_number.wrapping_add(seg.seq_offset);
-        out.timestamp = h.timestamp.wrapping_add(seg.ts_offset);
-        out.ssrc = self.config.ssrc;
-        out.extensions.clear();
-        for (id, value) in h.extensions.iter() {
-            if let Some(mapped) = self.config.ext_map.get(*id) {
-                out.extensions.push(mapped, value.clone());
-            }
-        }
+        self.write_out(&seg, pt, h, out);
         let newer = self
             .last_out
             .is_none_or(|last| seq_diff(out.sequence_number, last.seq) > 0);
@@ -193,5 +183,44 @@ impl<S> DownTrack<S> {
         self.stats.packets += 1;
         self.stats.bytes += payload_len as u64;
         true
+    }
+
+    fn write_out(&self, seg: &Segment, pt: u8, h: &RtpHeader, out: &mut RtpHeader) {
+        out.marker = h.marker;
+        out.payload_type = pt;
+        out.sequence_number = h.sequence_number.wrapping_add(seg.seq_offset);
+        out.timestamp = h.timestamp.wrapping_add(seg.ts_offset);
+        out.ssrc = self.config.ssrc;
+        out.extensions.clear();
+        for (id, value) in h.extensions.iter() {
+            if let Some(mapped) = self.config.ext_map.get(*id) {
+                out.extensions.push(mapped, value.clone());
+            }
+        }
+    }
+
+    /// The source packet (layer SSRC, input sequence number) this subscriber got as `out_seq`,
+    /// if it was sent in the current segment (a NACK for an older one cannot be mapped back).
+    pub(super) fn source_of(&self, out_seq: u16) -> Option<(u32, u16)> {
+        let (seg, last, ssrc) = (self.segment?, self.last_out?, self.current?);
+        if seq_diff(out_seq, last.seq) > 0 {
+            return None; // not sent yet
+        }
+        let in_seq = out_seq.wrapping_sub(seg.seq_offset);
+        if seg
+            .first_in_seq
+            .is_some_and(|first| seq_diff(in_seq, first) < 0)
+        {
+            return None; // before the segment
+        }
+        Some((ssrc, in_seq))
+    }
+
+    /// `h` as this subscriber got it, again (a retransmission), without touching its state.
+    pub(super) fn rewritten(&self, h: &RtpHeader) -> Option<RtpHeader> {
+        let (seg, pt) = (self.segment?, self.config.payload_type?);
+        let mut out = RtpHeader::default();
+        self.write_out(&seg, pt, h, &mut out);
+        Some(out)
     }
 }

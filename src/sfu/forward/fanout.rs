@@ -10,6 +10,10 @@ use super::downtrack::{DownTrack, DownTrackConfig, DownTrackId, Quality};
 use super::keyframe::Codec;
 use super::rtp::{RtpHeader, RtpPacket};
 
+/// Packets of a video layer kept for retransmissions (NACKs from any subscriber): 0.5 s at
+/// 1000 packets/s, 2.5 s at 200.
+pub const HISTORY: usize = 512;
+
 /// At most one keyframe request per source layer in this interval.
 pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
 /// A layer with no packet for this long is not offered to subscribers.
@@ -21,6 +25,8 @@ struct Layer {
     quality: Quality,
     last_seen: Option<Instant>,
     last_keyframe_request: Option<Instant>,
+    /// Recent packets by sequence number modulo [`HISTORY`] (video only; allocated on first use).
+    kept: Vec<Option<RtpPacket>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -146,6 +152,7 @@ impl<S> TrackForwarder<S> {
             quality,
             last_seen: None,
             last_keyframe_request: None,
+            kept: Vec::new(),
         });
     }
 
@@ -231,6 +238,43 @@ impl<S> TrackForwarder<S> {
             None => self.layers.iter_mut().find(|l| l.quality == wish),
         }?;
         Self::request_keyframe(layer, &mut self.stats, now)
+    }
+
+    /// Keeps a forwarded video packet for retransmission: one copy per track, shared by every
+    /// subscriber (each maps its own sequence numbers back, see [`Self::retransmission`]).
+    pub fn keep(&mut self, packet: RtpPacket) {
+        if !self.codec.is_video() {
+            return;
+        }
+        let Some(layer) = self
+            .layers
+            .iter_mut()
+            .find(|l| l.ssrc == packet.header.ssrc)
+        else {
+            return;
+        };
+        if layer.kept.is_empty() {
+            layer.kept.resize(HISTORY, None);
+        }
+        let slot = packet.header.sequence_number as usize % HISTORY;
+        layer.kept[slot] = Some(packet);
+    }
+
+    /// A packet a subscriber lost (`out_seq` in its numbering), rewritten for it again, if it is
+    /// still kept; `None` otherwise.
+    pub fn retransmission(
+        &self,
+        id: DownTrackId,
+        out_seq: u16,
+    ) -> Option<(RtpHeader, bytes::Bytes)> {
+        let d = self.downs.iter().find(|d| d.config.id == id)?;
+        let (ssrc, in_seq) = d.source_of(out_seq)?;
+        let layer = self.layers.iter().find(|l| l.ssrc == ssrc)?;
+        let kept = layer.kept.get(in_seq as usize % HISTORY)?.as_ref()?;
+        if kept.header.sequence_number != in_seq {
+            return None; // overwritten since
+        }
+        Some((d.rewritten(&kept.header)?, kept.payload.clone()))
     }
 
     /// Parses raw bytes and forwards them; malformed input is counted and dropped.

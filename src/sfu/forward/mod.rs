@@ -13,6 +13,8 @@ mod tests;
 pub use downtrack::{
     DownTrack, DownTrackConfig, DownTrackId, DownTrackStats, ExtMap, Quality, seq_diff,
 };
-pub use fanout::{KEYFRAME_REQUEST_INTERVAL, LAYER_TIMEOUT, TrackForwarder, TrackStats, rank_rids};
+pub use fanout::{
+    HISTORY, KEYFRAME_REQUEST_INTERVAL, LAYER_TIMEOUT, TrackForwarder, TrackStats, rank_rids,
+};
 pub use keyframe::Codec;
 pub use rtp::{Extensions, MAX_EXTENSIONS, ParseError, RtpHeader, RtpPacket, write_header};

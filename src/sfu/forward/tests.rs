@@ -586,3 +586,79 @@ fn a_missing_layer_can_be_added_late_but_never_displaces_one() {
         "a second stream never replaces the first"
     );
 }
+
+#[test]
+fn a_lost_packet_is_sent_again_as_each_subscriber_numbered_it() {
+    let mut f = TrackForwarder::new(Codec::Vp8);
+    f.add_layer(100, None);
+    f.add_down_track(down(1, 96), 1);
+    let t0 = Instant::now();
+    let mut sent = Sent::new();
+    // Subscriber 1 starts at 1000; subscriber 2 joins later, at 1010, with its own numbering.
+    for seq in 1000..1010u16 {
+        let p = pkt(
+            100,
+            seq,
+            seq as u32 * 3000,
+            if seq == 1000 { VP8_KEY } else { VP8_DELTA },
+        );
+        run(&mut f, &p, t0, &mut sent);
+        f.keep(p);
+    }
+    f.add_down_track(down(2, 100), 2);
+    for seq in 1010..1020u16 {
+        let p = pkt(
+            100,
+            seq,
+            seq as u32 * 3000,
+            if seq == 1010 { VP8_KEY } else { VP8_DELTA },
+        );
+        run(&mut f, &p, t0, &mut sent);
+        f.keep(p);
+    }
+    for sink in [1u64, 2] {
+        let (out_seq, header) = sent
+            .iter()
+            .filter(|(s, _, _)| *s == sink)
+            .map(|(_, h, _)| (h.sequence_number, h.clone()))
+            .nth(3)
+            .unwrap();
+        let (again, payload) = f.retransmission(sink, out_seq).expect("kept");
+        assert_eq!(again, header, "sink {sink}: the same header as first sent");
+        assert_eq!(payload.as_ref(), VP8_DELTA);
+    }
+    // Not sent yet, or before the subscriber's first packet: nothing.
+    let last1 = sent
+        .iter()
+        .filter(|(s, _, _)| *s == 1)
+        .map(|(_, h, _)| h.sequence_number)
+        .last()
+        .unwrap();
+    assert!(f.retransmission(1, last1.wrapping_add(1)).is_none());
+    let first2 = sent
+        .iter()
+        .find(|(s, _, _)| *s == 2)
+        .map(|(_, h, _)| h.sequence_number)
+        .unwrap();
+    assert!(f.retransmission(2, first2.wrapping_sub(1)).is_none());
+    // Overwritten after HISTORY more packets.
+    for seq in 1020..1020 + HISTORY as u16 {
+        let p = pkt(100, seq, seq as u32 * 3000, VP8_DELTA);
+        run(&mut f, &p, t0, &mut sent);
+        f.keep(p);
+    }
+    let early = sent
+        .iter()
+        .find(|(s, _, _)| *s == 1)
+        .map(|(_, h, _)| h.sequence_number)
+        .unwrap();
+    assert!(f.retransmission(1, early).is_none());
+    // Audio keeps nothing.
+    let mut audio = TrackForwarder::new(Codec::Opus);
+    audio.add_layer(7, None);
+    audio.add_down_track(down(1, 111), 1);
+    let p = pkt(7, 1, 960, b"opus");
+    audio.forward(&p, t0, |_, _, _| {});
+    audio.keep(p);
+    assert!(audio.retransmission(1, 1).is_none());
+}

@@ -48,6 +48,8 @@ pub struct Connection {
     /// connection has handled input or a timeout (the only times the pair can change).
     pub route: Option<std::net::SocketAddr>,
     pub next_timeout: Option<Instant>,
+    /// The earliest entry for this connection in its loop's timer heap.
+    pub scheduled: Option<Instant>,
     remote: RemoteCandidates,
     /// Subscriber: the down-tracks it sends.
     pub egress: Egress,
@@ -68,6 +70,7 @@ impl Connection {
             candidates_sent: false,
             route: None,
             next_timeout: None,
+            scheduled: None,
             remote: RemoteCandidates::default(),
             egress: Egress::default(),
             inbound: Vec::new(),

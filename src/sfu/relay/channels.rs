@@ -97,11 +97,11 @@ impl MediaState {
         });
         // The first channel adds the data section to the subscriber connection; later ones
         // open in-band.
-        if !m.has_channels {
-            m.has_channels = true;
-            m.negotiation.changed(now);
+        let (sub, first) = (m.subscriber, !m.has_channels);
+        m.has_channels = true;
+        if first {
+            self.renegotiate(user, now);
         }
-        let sub = m.subscriber;
         self.mark_dirty(sub);
     }
 

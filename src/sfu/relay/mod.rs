@@ -12,7 +12,8 @@ pub mod negotiation;
 mod signaling;
 mod tracks;
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -150,8 +151,12 @@ pub struct MediaState {
     dirty: Vec<ConnKey>,
     next_down_id: DownTrackId,
     data_channel_limit: usize,
-    /// Scratch for due timers (reused).
-    due: Vec<ConnKey>,
+    /// Connection timers by deadline. Entries may be early (the deadline moved later since) or
+    /// stale (the connection closed): both are checked when they come due.
+    timers: BinaryHeap<Reverse<(Instant, ConnKey)>>,
+    /// Members with a subscriber offer to make or an answer to wait for.
+    negotiating: HashSet<String>,
+    next_reports: Instant,
     /// Addresses of connections closed here, for the other loops to forget.
     pub forgotten: Vec<SocketAddr>,
 }
@@ -179,7 +184,9 @@ impl MediaState {
             dirty: Vec::new(),
             next_down_id: 1,
             data_channel_limit,
-            due: Vec::new(),
+            timers: BinaryHeap::new(),
+            negotiating: HashSet::new(),
+            next_reports: Instant::now() + super::egress::REPORT_INTERVAL,
             forgotten: Vec::new(),
         }
     }
@@ -248,8 +255,17 @@ impl MediaState {
         }
         conn.route = conn.pc.selected_pair_addrs().map(|(_, remote)| remote);
         // rtc may report a deadline already past; never spin on it.
-        let next = conn.pc.poll_timeout();
-        conn.next_timeout = next.map(|t| t.max(now + std::time::Duration::from_millis(1)));
+        let next = conn
+            .pc
+            .poll_timeout()
+            .map(|t| t.max(now + std::time::Duration::from_millis(1)));
+        conn.next_timeout = next;
+        if let Some(t) = next
+            && conn.scheduled.is_none_or(|s| t < s)
+        {
+            conn.scheduled = Some(t);
+            self.timers.push(Reverse((t, key)));
+        }
     }
 
     /// A connection the application wrote to (a PLI, a channel message, a close).
@@ -324,50 +340,71 @@ impl MediaState {
         }
     }
 
-    /// The earliest instant something is due: a connection's timer, an offer, a report.
+    /// The earliest instant something is due: a connection's timer, an offer, the reports.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let conns = self.conns.iter().filter_map(|(_, c)| {
-            let report = c.egress.next_report().filter(|_| c.connected);
-            match (c.next_timeout, report) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-        });
+        let conns = self.timers.peek().map(|Reverse((at, _))| *at);
         let offers = self
-            .members
-            .values()
-            .filter_map(|m| m.negotiation.deadline());
-        conns.chain(offers).min()
+            .negotiating
+            .iter()
+            .filter_map(|u| self.members.get(u)?.negotiation.deadline());
+        conns
+            .into_iter()
+            .chain(offers)
+            .chain([self.next_reports])
+            .min()
     }
 
-    /// Runs whatever is due at `now`.
+    /// Runs whatever is due at `now`. Only what is due is looked at (a wake-up for a packet
+    /// costs no scan of every connection).
     pub fn handle_timeouts(&mut self, now: Instant) {
-        let mut due = std::mem::take(&mut self.due);
-        due.clear();
-        due.extend(
-            self.conns
-                .iter()
-                .filter(|(_, c)| c.next_timeout.is_some_and(|t| t <= now))
-                .map(|(k, _)| k),
-        );
-        for &key in &due {
-            if let Some(conn) = self.conns.get_mut(key) {
-                let _ = conn.pc.handle_timeout(now);
-                self.service(key, now);
+        while let Some(&Reverse((at, key))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue; // closed since
+            };
+            if conn.scheduled == Some(at) {
+                conn.scheduled = None;
+            }
+            match conn.next_timeout {
+                Some(t) if t <= now => {
+                    let _ = conn.pc.handle_timeout(now);
+                    self.service(key, now);
+                }
+                // An early entry (the deadline moved later): keep one for the real deadline.
+                Some(t) if conn.scheduled.is_none() => {
+                    conn.scheduled = Some(t);
+                    self.timers.push(Reverse((t, key)));
+                }
+                _ => {}
             }
         }
-        due.clear();
-        due.extend(
-            self.conns
-                .iter()
-                .filter(|(_, c)| c.connected && c.egress.next_report().is_none_or(|t| t <= now))
-                .map(|(k, _)| k),
-        );
+        if self.next_reports <= now {
+            self.next_reports = now + super::egress::REPORT_INTERVAL;
+            self.send_reports(now);
+        }
+        if !self.negotiating.is_empty() {
+            let users: Vec<String> = self.negotiating.iter().cloned().collect();
+            for user in users {
+                let Some(m) = self.members.get_mut(&user) else {
+                    self.negotiating.remove(&user);
+                    continue;
+                };
+                if m.negotiation.deadline().is_none() {
+                    self.negotiating.remove(&user);
+                } else if m.negotiation.offer_due(now) {
+                    self.offer_subscriber(&user, now);
+                }
+            }
+        }
+    }
+
+    /// Sender reports for every down-track that has sent packets.
+    fn send_reports(&mut self, now: Instant) {
         let wall = SystemTime::now();
-        for &key in &due {
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
+        for (key, conn) in self.conns.iter_mut() {
             let Connection {
                 pc, egress, route, ..
             } = conn;
@@ -379,15 +416,15 @@ impl MediaState {
                 egress.send_reports(now, wall, srtp, route, &mut self.batch);
             }
         }
-        self.due = due;
-        let offers: Vec<String> = self
-            .members
-            .iter_mut()
-            .filter(|(_, m)| m.negotiation.deadline().is_some_and(|t| t <= now))
-            .filter_map(|(user, m)| m.negotiation.offer_due(now).then(|| user.clone()))
-            .collect();
-        for user in offers {
-            self.offer_subscriber(&user, now);
+    }
+
+    /// A member's subscriber connection is to be offered again (its tracks or channels changed).
+    fn renegotiate(&mut self, user: &str, now: Instant) {
+        if let Some(m) = self.members.get_mut(user) {
+            m.negotiation.changed(now);
+            if !self.negotiating.contains(user) {
+                self.negotiating.insert(user.to_owned());
+            }
         }
     }
 

@@ -442,7 +442,7 @@ impl MediaState {
                 m.negotiation.answered();
                 m.negotiation.failed_answers += 1;
                 if m.negotiation.failed_answers <= super::negotiation::OFFER_RETRIES {
-                    m.negotiation.changed(now);
+                    self.renegotiate(user, now);
                 }
             }
             return Err(bad_sdp(e));

@@ -202,7 +202,7 @@ impl MediaState {
                 return;
             }
         };
-        let slot = conn.egress.add(ssrc, track.codec.clock_rate, video);
+        let slot = conn.egress.add(ssrc, track.codec.clock_rate);
         let down_id = self.next_down_id;
         self.next_down_id += 1;
         let quality = m
@@ -232,7 +232,7 @@ impl MediaState {
             ssrc,
             rtx_ssrc: video.then_some(rtx_ssrc),
         });
-        m.negotiation.changed(now);
+        self.renegotiate(user, now);
     }
 
     pub(super) fn remove_down(&mut self, user: &str, t: usize, now: Instant) {
@@ -251,8 +251,8 @@ impl MediaState {
             debug!(%user, "remove_track: {e}");
         }
         conn.egress.remove(d.slot);
-        m.negotiation.changed(now);
         debug!(%user, down_id = d.down_id, "down-track removed");
+        self.renegotiate(user, now);
     }
 
     /// After a subscriber answer: each down-track's payload type and extension ids as
@@ -372,6 +372,7 @@ impl MediaState {
                     sub.egress
                         .send(sink.slot, header, payload, now, srtp, route, batch);
                 });
+        track.forwarder.keep(packet);
         if let Some(ssrc) = keyframe_for {
             self.request_keyframe(t, ssrc, now);
         }
@@ -421,18 +422,37 @@ impl MediaState {
                     self.keyframe_requested(key, entry.ssrc, now);
                 }
             } else if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
-                let conn = &mut self.conns[key];
-                let crate::sfu::peer::Connection {
-                    pc, egress, route, ..
-                } = conn;
-                if let (Some(to), Some(srtp)) = (*route, pc.local_srtp_context()) {
-                    let route = Route {
-                        to,
-                        key: key as u32,
-                    };
-                    let lost = nack.nacks.iter().flat_map(|pair| (*pair).into_iter());
-                    egress.retransmit(nack.media_ssrc, lost, srtp, route, &mut self.batch);
-                }
+                self.retransmit(key, nack, now);
+            }
+        }
+    }
+
+    /// A subscriber's NACK: the lost packets still in the track's buffer go again.
+    fn retransmit(&mut self, key: ConnKey, nack: &TransportLayerNack, _now: Instant) {
+        let conn = &mut self.conns[key];
+        let Some(d) = self
+            .members
+            .get(&conn.user)
+            .and_then(|m| m.downs.iter().find(|d| d.ssrc == nack.media_ssrc))
+        else {
+            return;
+        };
+        let Some(track) = self.tracks.get(d.track) else {
+            return;
+        };
+        let crate::sfu::peer::Connection {
+            pc, egress, route, ..
+        } = conn;
+        let (Some(to), Some(srtp)) = (*route, pc.local_srtp_context()) else {
+            return;
+        };
+        let route = Route {
+            to,
+            key: key as u32,
+        };
+        for seq in nack.nacks.iter().flat_map(|pair| (*pair).into_iter()) {
+            if let Some((header, payload)) = track.forwarder.retransmission(d.down_id, seq) {
+                egress.resend(d.slot, &header, &payload, srtp, route, &mut self.batch);
             }
         }
     }

@@ -1,0 +1,54 @@
+//! `switchboard load`, the media load tool, end to end: it starts a server, joins members that
+//! publish and receive over WebRTC, and reports what was delivered and what it cost.
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn the_load_tool_measures_a_lossless_run_and_its_floor() {
+    common::logs();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args([
+            "load",
+            "--publishers",
+            "2",
+            "--subscribers",
+            "2",
+            "--pps",
+            "200",
+            "--seconds",
+            "2",
+            "--warmup",
+            "1",
+            "--data-rate",
+            "10",
+            "--floor",
+            "--json",
+        ])
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
+    let num = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+    // 2 publishers x 3 receivers each (the other publisher and 2 subscribers) x 200/s.
+    assert_eq!(num("expectedPerSecond"), 1200.0, "{r}");
+    assert!(num("deliveredPerSecond") > 1100.0, "{r}\n{stderr}");
+    assert!(num("lossPercent") < 1.0, "{r}");
+    assert!(
+        num("serverUsPerPacket") > 0.0 && num("serverCpuCores") > 0.0,
+        "{r}"
+    );
+    assert!(r["floor"]["usPerDatagram"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(num("ratioToFloor") > 0.0, "{r}");
+    assert!(
+        num("setupMsP50") > 0.0 && num("firstPacketMsP50") > 0.0,
+        "{r}"
+    );
+    // Each data message reaches the three other members.
+    let (sent, delivered) = (num("dataSent"), num("dataDelivered"));
+    assert!(sent > 0.0 && delivered > 0.0, "{r}");
+    assert!(delivered <= sent * 3.0, "{r}");
+}
