@@ -11,6 +11,11 @@
 //!   then the batch assembled into sendmmsg/GSO messages (the syscall left out).
 //! - `demux/*`: routing a datagram: a known address (the steady state), and the STUN username
 //!   of a first contact.
+//! - `receive/publisher-packet`: what webrtc-rs's core does with one SRTP video packet from a
+//!   publisher before the forwarding core sees it: `handle_read` (SRTP decrypt, the interceptors
+//!   the server registers, stats), then `poll_event`, `poll_read`, `poll_write` and
+//!   `poll_timeout` as the event loop calls them. The publisher is a second `rtc` connection in
+//!   memory, connected to the server's through a DTLS handshake run without a network.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -20,12 +25,14 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rtc::srtp::context::Context;
 use rtc::srtp::protection_profile::ProtectionProfile;
+use switchboard::sfu::api::PcKind;
 use switchboard::sfu::egress::{Egress, Route, protect_rtp};
 use switchboard::sfu::forward::{
     Codec, DownTrackConfig, ExtMap, Quality, RtpHeader, RtpPacket, TrackForwarder, write_header,
 };
 use switchboard::sfu::io::router::{ConnRef, Router, Routes};
 use switchboard::sfu::io::{SendBatch, stun};
+use switchboard::sfu::peer::PeerSettings;
 
 fn forwarder(downs: u64) -> TrackForwarder<u64> {
     let mut f = TrackForwarder::new(Codec::Vp8);
@@ -239,5 +246,205 @@ fn demux(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fanout, srtp, egress, demux);
+/// A publisher connection (a plain `rtc` client) and the server's side of it (built as the server
+/// builds its publisher connections), connected in memory: (publisher, server).
+fn connected_pair() -> (
+    rtc::peer_connection::RTCPeerConnection,
+    rtc::peer_connection::RTCPeerConnection,
+) {
+    use rtc::media_stream::MediaStreamTrack;
+    use rtc::peer_connection::RTCPeerConnectionBuilder;
+    use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+    use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+    use rtc::peer_connection::transport::RTCIceCandidateInit;
+    use rtc::rtp_transceiver::rtp_sender::{
+        RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    };
+    use rtc::sansio::Protocol;
+
+    let mut now = Instant::now();
+    let (client_addr, server_addr) = (publisher_addr(), server_addr());
+    let mut me =
+        switchboard::sfu::peer::media_engine(&switchboard::sfu::peer::VIDEO_CODECS).unwrap();
+    let registry =
+        register_default_interceptors(rtc::interceptor::Registry::new(), &mut me).unwrap();
+    let settings = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+        .build();
+    let mut client = RTCPeerConnectionBuilder::new()
+        .with_media_engine(me)
+        .with_setting_engine(settings)
+        .with_interceptor_registry(registry)
+        .build(now)
+        .unwrap();
+    let config = switchboard::config::Config::defaults().media;
+    let server_settings = PeerSettings::new(&config, server_addr).unwrap();
+    let mut server = server_settings
+        .build(
+            PcKind::Publisher,
+            "benchufrag",
+            "benchpassword0123456789abcdef",
+            now,
+        )
+        .unwrap();
+    let track = MediaStreamTrack::new(
+        "bench".into(),
+        "bench-video".into(),
+        "bench-video".into(),
+        RtpCodecKind::Video,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(PUBLISHER_SSRC),
+                ..Default::default()
+            },
+            codec: RTCRtpCodec {
+                mime_type: "video/VP8".into(),
+                clock_rate: 90_000,
+                ..Default::default()
+            },
+            ..Default::default()
+        }],
+    );
+    client.add_track(track).unwrap();
+    let offer = client.create_offer(None).unwrap();
+    client.set_local_description(now, offer.clone()).unwrap();
+    server.set_remote_description(now, offer).unwrap();
+    let answer = server.create_answer(None).unwrap();
+    server.set_local_description(now, answer.clone()).unwrap();
+    client.set_remote_description(now, answer).unwrap();
+    let candidate = |a: SocketAddr| RTCIceCandidateInit {
+        candidate: format!(
+            "candidate:1 1 udp 2130706431 {} {} typ host",
+            a.ip(),
+            a.port()
+        ),
+        sdp_mid: Some("0".into()),
+        sdp_mline_index: Some(0),
+        ..Default::default()
+    };
+    client.add_local_candidate(candidate(client_addr)).unwrap();
+    server.add_local_candidate(candidate(server_addr)).unwrap();
+    client.add_remote_candidate(candidate(server_addr)).unwrap();
+    server.add_remote_candidate(candidate(client_addr)).unwrap();
+    for _ in 0..3000 {
+        exchange(&mut client, &mut server, now);
+        now += Duration::from_millis(1);
+        let _ = client.handle_timeout(now);
+        let _ = server.handle_timeout(now);
+        if client.local_srtp_context().is_some() && server.local_srtp_context().is_some() {
+            break;
+        }
+    }
+    assert!(
+        client.local_srtp_context().is_some(),
+        "DTLS completes in memory"
+    );
+    (client, server)
+}
+
+const PUBLISHER_SSRC: u32 = 0x5EED_0001;
+
+fn publisher_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5000))
+}
+
+fn server_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7882))
+}
+
+fn tagged(
+    now: Instant,
+    from: SocketAddr,
+    to: SocketAddr,
+    data: bytes::BytesMut,
+) -> rtc::shared::TaggedBytesMut {
+    rtc::shared::TaggedBytesMut {
+        now,
+        transport: rtc::shared::TransportContext {
+            local_addr: to,
+            peer_addr: from,
+            ecn: None,
+            transport_protocol: rtc::shared::TransportProtocol::UDP,
+        },
+        message: data,
+    }
+}
+
+/// Delivers everything each side has to send to the other, and drains their events and reads.
+fn exchange(
+    client: &mut rtc::peer_connection::RTCPeerConnection,
+    server: &mut rtc::peer_connection::RTCPeerConnection,
+    now: Instant,
+) {
+    use rtc::sansio::Protocol;
+    let (c, s) = (publisher_addr(), server_addr());
+    while let Some(out) = client.poll_write() {
+        let _ = server.handle_read(tagged(now, c, s, out.message));
+    }
+    while let Some(out) = server.poll_write() {
+        let _ = client.handle_read(tagged(now, s, c, out.message));
+    }
+    while client.poll_event().is_some() {}
+    while client.poll_read().is_some() {}
+    while server.poll_event().is_some() {}
+    while server.poll_read().is_some() {}
+}
+
+fn receive(c: &mut Criterion) {
+    use rtc::peer_connection::message::RTCMessage;
+    use rtc::sansio::Protocol;
+    use rtc::shared::marshal::Marshal;
+    let mut group = c.benchmark_group("receive");
+    group.throughput(Throughput::Elements(1));
+    let (mut client, mut server) = connected_pair();
+    let payload = Bytes::from(vec![0x10u8; 1000]);
+    let (mut seq, mut sent, mut got) = (0u16, 0u64, 0u64);
+    let start = Instant::now();
+    group.bench_function("publisher-packet", |b| {
+        b.iter_batched(
+            || {
+                seq = seq.wrapping_add(1);
+                let header = rtc::rtp::header::Header {
+                    version: 2,
+                    payload_type: 96,
+                    sequence_number: seq,
+                    timestamp: seq as u32 * 3000,
+                    ssrc: PUBLISHER_SSRC,
+                    ..Default::default()
+                };
+                let plain = rtc::rtp::packet::Packet {
+                    header,
+                    payload: payload.clone(),
+                }
+                .marshal()
+                .unwrap();
+                let protected = client
+                    .local_srtp_context()
+                    .unwrap()
+                    .encrypt_rtp(&plain)
+                    .unwrap();
+                bytes::BytesMut::from(&protected[..])
+            },
+            |datagram| {
+                sent += 1;
+                let now = start + Duration::from_micros(sent * 1000);
+                let _ = server.handle_read(tagged(now, publisher_addr(), server_addr(), datagram));
+                while server.poll_event().is_some() {}
+                while let Some(m) = server.poll_read() {
+                    if let RTCMessage::RtpPacket(_, p) = m.message {
+                        got += 1;
+                        black_box(p);
+                    }
+                }
+                while server.poll_write().is_some() {}
+                black_box(server.poll_timeout());
+            },
+            criterion::BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+    assert_eq!(got, sent, "every packet reached the application");
+}
+
+criterion_group!(benches, fanout, srtp, egress, demux, receive);
 criterion_main!(benches);

@@ -6,10 +6,13 @@ use std::time::{Duration, Instant};
 
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::ice::mdns::MulticastDnsMode;
+use rtc::interceptor::{NackGeneratorBuilder, ReceiverReportBuilder};
 use rtc::interceptor::{Registry, Slot};
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
-use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_simulcast_extension_headers, configure_twcc_receiver_only,
+};
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MIME_TYPE_VP9, MediaEngine,
 };
@@ -140,6 +143,27 @@ pub fn media_engine(video_codecs: &[&str]) -> Result<MediaEngine, rtc::shared::e
     Ok(me)
 }
 
+/// What a receiving connection needs: NACKs and receiver reports upstream, TWCC feedback, and the
+/// mid/rid extensions that tell simulcast layers apart. webrtc-rs's default set also has the NACK
+/// responder and sender reports, which act only on RTP sent through the connection: a publisher
+/// connection sends none, and each interceptor costs every received packet a trip through it.
+fn publisher_interceptors(me: &mut MediaEngine) -> Result<Registry, rtc::shared::error::Error> {
+    for parameter in ["", "pli"] {
+        me.register_feedback(
+            RTCPFeedback {
+                typ: "nack".into(),
+                parameter: parameter.into(),
+            },
+            RtpCodecKind::Video,
+        );
+    }
+    configure_simulcast_extension_headers(me)?;
+    let registry = Registry::new()
+        .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
+        .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build());
+    configure_twcc_receiver_only(registry, me)
+}
+
 /// Builds the server's peer connections.
 pub struct PeerSettings {
     /// The host candidate every connection advertises: the media port at `media.public_ip`, or
@@ -181,8 +205,7 @@ impl PeerSettings {
     ) -> Result<RTCPeerConnection, rtc::shared::error::Error> {
         let mut me = media_engine(&VIDEO_CODECS)?;
         let registry = match kind {
-            // What a receiver needs: NACKs and receiver reports upstream, TWCC feedback.
-            PcKind::Publisher => register_default_interceptors(Registry::new(), &mut me)?,
+            PcKind::Publisher => publisher_interceptors(&mut me)?,
             // Forwarded packets take the lean path (crate::sfu::egress), which answers NACKs and
             // sends sender reports itself; the app needs the subscriber's PLI, FIR and NACK.
             PcKind::Subscriber => Registry::new().with(

@@ -75,6 +75,28 @@ impl Cipher for CipherAeadAesGcm {
         Ok(())
     }
 
+    fn decrypt_rtp_in_place(
+        &mut self,
+        packet: &mut [u8],
+        header_len: usize,
+        ssrc: u32,
+        sequence_number: u16,
+        roc: u32,
+    ) -> Result<usize> {
+        let tag_len = self.aead_auth_tag_len();
+        if packet.len() < header_len + tag_len {
+            return Err(Error::ErrFailedToVerifyAuthTag);
+        }
+        let nonce = self.rtp_iv(ssrc, sequence_number, roc);
+        let tag_offset = packet.len() - tag_len;
+        let (body, tag) = packet.split_at_mut(tag_offset);
+        let (aad, ciphertext) = body.split_at_mut(header_len);
+        self.srtp_cipher
+            .open_in_place(&nonce, aad, ciphertext, tag)
+            .map_err(|_| Error::ErrFailedToVerifyAuthTag)?;
+        Ok(tag_offset)
+    }
+
     fn decrypt_rtp(
         &mut self,
         ciphertext: &[u8],

@@ -214,6 +214,31 @@ impl Cipher for CipherAesCmHmacSha1 {
         Ok(())
     }
 
+    fn decrypt_rtp_in_place(
+        &mut self,
+        packet: &mut [u8],
+        header_len: usize,
+        ssrc: u32,
+        sequence_number: u16,
+        roc: u32,
+    ) -> Result<usize> {
+        let tag_len = self.rtp_auth_tag_len();
+        if packet.len() < header_len + tag_len {
+            return Err(Error::SrtpTooSmall(packet.len(), tag_len));
+        }
+        let end = packet.len() - tag_len;
+        let expected = self.generate_srtp_auth_tag(&packet[..end], roc)?;
+        // A constant-time comparison, against timing attacks.
+        if !constant_time_eq(&packet[end..], &expected[..tag_len]) {
+            return Err(Error::RtpFailedToVerifyAuthTag);
+        }
+        let counter = generate_counter(sequence_number, roc, ssrc, &self.srtp_session_salt);
+        self.srtp_cipher
+            .apply_keystream(&counter, &mut packet[header_len..end])
+            .map_err(crypto_error)?;
+        Ok(end)
+    }
+
     fn decrypt_rtp(
         &mut self,
         encrypted: &[u8],

@@ -68,6 +68,17 @@ pub(crate) trait Cipher: Send {
     /// Decrypt RTP payload.
     fn decrypt_rtp(&mut self, payload: &[u8], header: &rtp::Header, roc: u32) -> Result<BytesMut>;
 
+    /// switchboard patch: authenticates and decrypts the SRTP packet in `packet` in place;
+    /// returns the length of the plaintext packet (the auth tag is left after it).
+    fn decrypt_rtp_in_place(
+        &mut self,
+        packet: &mut [u8],
+        header_len: usize,
+        ssrc: u32,
+        sequence_number: u16,
+        roc: u32,
+    ) -> Result<usize>;
+
     /// Encrypt RTCP payload.
     fn encrypt_rtcp(&mut self, payload: &[u8], srtcp_index: usize, ssrc: u32) -> Result<BytesMut>;
 

@@ -49,6 +49,38 @@ impl Context {
         Ok(dst)
     }
 
+    /// switchboard patch: authenticates and decrypts the SRTP packet in `packet` in place and
+    /// drops its auth tag, so that a receiver that owns the datagram's buffer decrypts without
+    /// allocating or copying. The header (CSRCs and extensions included) is read from the bytes.
+    /// Same result as [`Context::decrypt_rtp`], and the same replay protection.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the packet is malformed or too short, is a replay, or fails authentication
+    /// (then the replay window does not move and the buffer's contents are unspecified).
+    pub fn decrypt_rtp_in_place(&mut self, packet: &mut BytesMut) -> Result<()> {
+        let header_len = rtp_header_len(packet).ok_or(Error::ErrTooShortRtp)?;
+        let sequence_number = u16::from_be_bytes([packet[2], packet[3]]);
+        let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+        let state = self.get_srtp_ssrc_state(ssrc);
+        let (roc, diff, _) = state.next_rollover_count(sequence_number);
+        if let Some(replay_detector) = &mut state.replay_detector
+            && !replay_detector.check(sequence_number as u64)
+        {
+            return Err(Error::SrtpSsrcDuplicated(ssrc, sequence_number));
+        }
+        let end = self
+            .cipher
+            .decrypt_rtp_in_place(packet, header_len, ssrc, sequence_number, roc)?;
+        packet.truncate(end);
+        let state = self.get_srtp_ssrc_state(ssrc);
+        if let Some(replay_detector) = &mut state.replay_detector {
+            replay_detector.accept();
+        }
+        state.update_rollover_count(sequence_number, diff);
+        Ok(())
+    }
+
     /// DecryptRTP decrypts a RTP packet with an encrypted payload
     pub fn decrypt_rtp(&mut self, encrypted: &[u8]) -> Result<BytesMut> {
         let mut buf = encrypted;
@@ -123,4 +155,18 @@ impl Context {
         let header = rtp::Header::unmarshal(&mut buf)?;
         self.encrypt_rtp_with_header(plaintext, &header)
     }
+}
+
+/// switchboard patch: the length of an RTP packet's header as sent (fixed part, CSRCs, header
+/// extension block), or `None` if the bytes are too short for it or not RTP version 2.
+fn rtp_header_len(packet: &[u8]) -> Option<usize> {
+    if packet.len() < 12 || packet[0] >> 6 != 2 {
+        return None;
+    }
+    let mut len = 12 + 4 * (packet[0] & 0x0F) as usize;
+    if packet[0] & 0x10 != 0 {
+        let words = packet.get(len + 2..len + 4)?;
+        len += 4 + 4 * u16::from_be_bytes([words[0], words[1]]) as usize;
+    }
+    (len <= packet.len()).then_some(len)
 }
