@@ -23,14 +23,13 @@ use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
-use webrtc::peer_connection::{
-    PeerConnection, RTCIceCandidateInit, RTCPeerConnectionState, RTCSessionDescription,
-};
+use webrtc::peer_connection::{PeerConnection, RTCPeerConnectionState};
 
 use super::Pacing;
 use super::peer::{ClientFactory, PeerEvent};
-use super::signaling::{Client, Packet};
-use crate::sfu::api::IceCandidate;
+use super::sfu_client::{CLOSE, Connections, Outbox, drive, relay_events, subscriber_offer};
+use super::signaling::Client;
+use crate::sfu::api::PcKind;
 
 /// Label of the data channel a load publisher sends on.
 pub const DATA_LABEL: &str = "load";
@@ -108,9 +107,8 @@ pub struct Member {
     pub user: String,
     pub publishes: bool,
     pub stats: Arc<MemberStats>,
-    out: mpsc::UnboundedSender<(String, Value)>,
-    publisher: Option<Arc<dyn PeerConnection>>,
-    subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
+    out: Outbox,
+    connections: Connections,
     running: Arc<AtomicBool>,
 }
 
@@ -129,7 +127,6 @@ impl Member {
         let stats = Arc::new(MemberStats::new());
         let running = Arc::new(AtomicBool::new(true));
         let (out_tx, out_rx) = mpsc::unbounded_channel();
-        let subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Arc::default();
         let publisher = match sending {
             Some(sending) => {
                 Some(start_publisher(factory, user, sending, &stats, &running, &out_tx).await?)
@@ -139,36 +136,49 @@ impl Member {
                 None
             }
         };
-        tokio::spawn(dispatch(
-            client,
-            out_rx,
-            out_tx.clone(),
-            publisher.clone(),
-            subscriber.clone(),
+        let connections = Connections {
+            publisher,
+            ..Default::default()
+        };
+        let (conns, factory, stats_, out) = (
+            connections.clone(),
             factory.clone(),
             stats.clone(),
+            out_tx.clone(),
+        );
+        tokio::spawn(drive(
+            client,
+            out_rx,
+            async move |client: &Client, name: String, envelope: Value| {
+                if name != "msg" {
+                    return;
+                }
+                if subscriber_offer(&envelope).is_some() {
+                    lock(&stats_.subscriber_offer_at).get_or_insert_with(Instant::now);
+                }
+                let new_subscriber = async || new_subscriber(&factory, &stats_, &out).await;
+                let _ = conns.apply(client, &envelope, new_subscriber).await;
+            },
         ));
         Ok(Member {
             user: user.to_owned(),
             publishes: sending.is_some(),
             stats,
             out: out_tx,
-            publisher,
-            subscriber,
+            connections,
             running,
         })
     }
 
     pub async fn close(self) {
         self.running.store(false, Ordering::SeqCst);
-        if let Some(pc) = &self.publisher {
+        if let Some(pc) = &self.connections.publisher {
             let _ = pc.close().await;
         }
-        let sub = lock(&self.subscriber).take();
-        if let Some(pc) = sub {
+        if let Some(pc) = self.connections.subscriber() {
             let _ = pc.close().await;
         }
-        let _ = self.out.send(("__close".into(), Value::Null));
+        let _ = self.out.send((CLOSE.into(), Value::Null));
     }
 }
 
@@ -201,9 +211,9 @@ async fn start_publisher(
     sending: Sending,
     stats: &Arc<MemberStats>,
     running: &Arc<AtomicBool>,
-    out: &mpsc::UnboundedSender<(String, Value)>,
+    out: &Outbox,
 ) -> anyhow::Result<Arc<dyn PeerConnection>> {
-    let (pc, mut events) = factory.build().await?;
+    let (pc, events) = factory.build().await?;
     let video = video_track(user);
     pc.add_track(video.clone() as Arc<dyn TrackLocal>).await?;
     let channel = if sending.data_rate > 0.0 {
@@ -211,28 +221,15 @@ async fn start_publisher(
     } else {
         None
     };
-    {
-        let (out, stats) = (out.clone(), stats.clone());
-        tokio::spawn(async move {
-            while let Some(e) = events.recv().await {
-                match e {
-                    PeerEvent::Candidate(c) => {
-                        let _ = out.send((
-                            "candidate".into(),
-                            json!({"targetUid": "sfu", "pc": "publisher", "candidate": c}),
-                        ));
-                    }
-                    PeerEvent::State(RTCPeerConnectionState::Connected) => {
-                        let at = *lock(&stats.publisher_offer_at);
-                        if let Some(at) = at {
-                            lock(&stats.publisher_setup).get_or_insert(at.elapsed());
-                        }
-                    }
-                    _ => {}
-                }
+    let stats_ = stats.clone();
+    relay_events(events, out.clone(), PcKind::Publisher, move |e| {
+        if let PeerEvent::State(RTCPeerConnectionState::Connected) = e {
+            let at = *lock(&stats_.publisher_offer_at);
+            if let Some(at) = at {
+                lock(&stats_.publisher_setup).get_or_insert(at.elapsed());
             }
-        });
-    }
+        }
+    });
     let keyframe = Arc::new(AtomicBool::new(true));
     tokio::spawn(watch_keyframe_requests(video.clone(), keyframe.clone()));
     let (handle, stats_, running_) = (
@@ -371,107 +368,30 @@ async fn send_data(
     }
 }
 
-/// Owns the socket.io client: answers server offers, applies answers and candidates; sends what
-/// the member queues.
-async fn dispatch(
-    mut client: Client,
-    mut out: mpsc::UnboundedReceiver<(String, Value)>,
-    out_tx: mpsc::UnboundedSender<(String, Value)>,
-    publisher: Option<Arc<dyn PeerConnection>>,
-    subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
-    factory: ClientFactory,
-    stats: Arc<MemberStats>,
-) {
-    loop {
-        tokio::select! {
-            o = out.recv() => match o {
-                Some((event, _)) if event == "__close" => { client.close(); return; }
-                Some((event, data)) => { let _ = client.emit(&event, &data); }
-                None => return,
-            },
-            p = client.recv(Duration::from_secs(3600)) => {
-                let Ok(Packet::Event { name, args, .. }) = p else {
-                    if p.is_err() { return; }
-                    continue;
-                };
-                if name != "msg" { continue; }
-                let m = args.into_iter().next().unwrap_or(Value::Null);
-                let data = &m["data"];
-                if data["fromUid"] != "sfu" { continue; }
-                let sdp = data["sdp"]["sdp"].as_str().unwrap_or("").to_owned();
-                match (m["type"].as_str().unwrap_or(""), data["pc"].as_str().unwrap_or("")) {
-                    ("answer", "publisher") => {
-                        if let (Some(pc), Ok(answer)) = (&publisher, RTCSessionDescription::answer(sdp)) {
-                            let _ = pc.set_remote_description(answer).await;
-                        }
-                    }
-                    ("offer", "subscriber") => {
-                        lock(&stats.subscriber_offer_at).get_or_insert_with(Instant::now);
-                        let Some(pc) = ensure_subscriber(&subscriber, &factory, &stats, &out_tx).await else { continue };
-                        let Ok(offer) = RTCSessionDescription::offer(sdp) else { continue };
-                        if pc.set_remote_description(offer).await.is_err() { continue; }
-                        let Ok(answer) = pc.create_answer(None).await else { continue };
-                        if pc.set_local_description(answer.clone()).await.is_err() { continue; }
-                        let _ = client.emit("answer", &json!({"targetUid": "sfu", "pc": "subscriber", "sdp": {"type": "answer", "sdp": answer.sdp}}));
-                    }
-                    ("candidate", kind) => {
-                        let Ok(c) = serde_json::from_value::<IceCandidate>(data["candidate"].clone()) else { continue };
-                        let pc = if kind == "publisher" { publisher.clone() } else { lock(&subscriber).clone() };
-                        if let Some(pc) = pc {
-                            let _ = pc.add_ice_candidate(RTCIceCandidateInit {
-                                candidate: c.candidate,
-                                sdp_mid: c.sdp_mid,
-                                sdp_mline_index: c.sdp_mline_index,
-                                username_fragment: c.username_fragment,
-                                url: None,
-                            }).await;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-}
-
-async fn ensure_subscriber(
-    slot: &Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
+/// The subscriber connection, made on the server's first offer: it counts what arrives.
+async fn new_subscriber(
     factory: &ClientFactory,
     stats: &Arc<MemberStats>,
-    out: &mpsc::UnboundedSender<(String, Value)>,
-) -> Option<Arc<dyn PeerConnection>> {
-    if let Some(pc) = lock(slot).clone() {
-        return Some(pc);
-    }
-    let (pc, mut events) = factory.build().await.ok()?;
-    *lock(slot) = Some(pc.clone());
-    let (stats, out) = (stats.clone(), out.clone());
-    tokio::spawn(async move {
-        while let Some(e) = events.recv().await {
-            match e {
-                PeerEvent::Candidate(c) => {
-                    let _ = out.send((
-                        "candidate".into(),
-                        json!({"targetUid": "sfu", "pc": "subscriber", "candidate": c}),
-                    ));
-                }
-                PeerEvent::Track(t) => {
-                    tokio::spawn(count_track(t, stats.clone()));
-                }
-                PeerEvent::DataChannel(dc) => {
-                    tokio::spawn(count_channel(dc, stats.clone()));
-                }
-                PeerEvent::State(RTCPeerConnectionState::Connected) => {
-                    let at = *lock(&stats.subscriber_offer_at);
-                    if let Some(at) = at {
-                        lock(&stats.subscriber_setup).get_or_insert(at.elapsed());
-                    }
-                }
-                _ => {}
+    out: &Outbox,
+) -> anyhow::Result<Arc<dyn PeerConnection>> {
+    let (pc, events) = factory.build().await?;
+    let stats = stats.clone();
+    relay_events(events, out.clone(), PcKind::Subscriber, move |e| match e {
+        PeerEvent::Track(t) => {
+            tokio::spawn(count_track(t, stats.clone()));
+        }
+        PeerEvent::DataChannel(dc) => {
+            tokio::spawn(count_channel(dc, stats.clone()));
+        }
+        PeerEvent::State(RTCPeerConnectionState::Connected) => {
+            let at = *lock(&stats.subscriber_offer_at);
+            if let Some(at) = at {
+                lock(&stats.subscriber_setup).get_or_insert(at.elapsed());
             }
         }
+        _ => {}
     });
-    Some(pc)
+    Ok(pc)
 }
 
 /// Counts a publisher's video packets as they arrive (sequence numbers unwrapped for loss).

@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod floor;
 pub mod member;
 pub mod peer;
+pub mod sfu_client;
 pub mod signaling;
 
 use std::io::{BufRead, BufReader};

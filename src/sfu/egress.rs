@@ -137,12 +137,10 @@ impl Egress {
             return false;
         };
         let mut buf = batch.buffer();
-        if protect_rtp(srtp, header, payload, &mut buf).is_err() {
-            self.failed += 1;
-            batch.recycle(buf);
+        let protected = protect_rtp(srtp, header, payload, &mut buf);
+        if !queue(&mut self.failed, buf, protected, route, batch) {
             return false;
         }
-        batch.push(route.key, route.to, buf);
         down.packets = down.packets.wrapping_add(1);
         down.octets = down.octets.wrapping_add(payload.len() as u32);
         let newer = down
@@ -185,13 +183,7 @@ impl Egress {
                 srtp.encrypt_rtp_in_place(&mut buf, header_len)
             }
         };
-        if protected.is_err() {
-            self.failed += 1;
-            batch.recycle(buf);
-            return false;
-        }
-        batch.push(route.key, route.to, buf);
-        true
+        queue(&mut self.failed, buf, protected, route, batch)
     }
 
     /// Sends a sender report for every down-track that has sent packets (the event loop calls
@@ -229,6 +221,23 @@ impl Egress {
             }
         }
     }
+}
+
+/// Queues a protected datagram, or counts and recycles one that could not be protected.
+fn queue(
+    failed: &mut u64,
+    buf: Vec<u8>,
+    protected: Result<(), rtc::shared::error::Error>,
+    route: Route,
+    batch: &mut SendBatch,
+) -> bool {
+    if protected.is_err() {
+        *failed += 1;
+        batch.recycle(buf);
+        return false;
+    }
+    batch.push(route.key, route.to, buf);
+    true
 }
 
 /// A wall-clock time as a 64-bit NTP timestamp (seconds since 1900, 32.32 fixed point).

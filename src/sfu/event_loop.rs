@@ -314,20 +314,9 @@ impl EventLoop {
         self.state.collect_dirty(now);
         let before = self.state.batch.stats;
         self.state.batch.flush(&self.socket);
-        let after = self.state.batch.stats;
-        let stats = &self.shared.stats;
-        stats
-            .datagrams_out
-            .fetch_add(after.datagrams - before.datagrams, Ordering::Relaxed);
-        stats
-            .send_calls
-            .fetch_add(after.syscalls - before.syscalls, Ordering::Relaxed);
-        stats
-            .gso_messages
-            .fetch_add(after.gso_messages - before.gso_messages, Ordering::Relaxed);
-        stats
-            .send_failures
-            .fetch_add(after.failed - before.failed, Ordering::Relaxed);
+        self.shared
+            .stats
+            .count_sends(before, self.state.batch.stats);
         let forgotten = std::mem::take(&mut self.state.forgotten);
         if !forgotten.is_empty() {
             self.disconnect(&forgotten);

@@ -61,6 +61,17 @@ pub struct Stats {
     pub wakeups: AtomicU64,
 }
 
+impl Stats {
+    /// Adds what a send batch counted between two of its readings.
+    pub fn count_sends(&self, before: io::SendStats, after: io::SendStats) {
+        let add = |counter: &AtomicU64, delta: u64| counter.fetch_add(delta, Ordering::Relaxed);
+        add(&self.datagrams_out, after.datagrams - before.datagrams);
+        add(&self.send_calls, after.syscalls - before.syscalls);
+        add(&self.gso_messages, after.gso_messages - before.gso_messages);
+        add(&self.send_failures, after.failed - before.failed);
+    }
+}
+
 /// What the loops and the handle share: the directory (touched on joins and leaves) and
 /// counters.
 pub struct Shared {

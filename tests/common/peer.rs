@@ -21,15 +21,16 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use serde_json::{Value, json};
 use switchboard::load::peer::{ClientFactory, PeerEvent};
-use switchboard::load::signaling::{Client, Packet};
-use switchboard::sfu::api::IceCandidate;
+use switchboard::load::sfu_client::{CLOSE, Connections, drive, relay_events, subscriber_offer};
+use switchboard::load::signaling::Client;
+use switchboard::sfu::api::PcKind;
 use switchboard::sfu::peer::sdp::sending_track_ids;
 use tokio::sync::mpsc;
 use webrtc::data_channel::{DataChannel, DataChannelEvent, RTCDataChannelInit};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
-use webrtc::peer_connection::{PeerConnection, RTCIceCandidateInit, RTCSessionDescription};
+use webrtc::peer_connection::PeerConnection;
 
 use super::query;
 
@@ -140,8 +141,7 @@ pub struct TestPeer {
     pub user: String,
     pub observed: Arc<Observed>,
     out: mpsc::UnboundedSender<(String, Value)>,
-    publisher: Arc<dyn PeerConnection>,
-    subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
+    connections: Connections,
     pub chat: Option<Arc<dyn DataChannel>>,
     pub chat_open: Arc<AtomicBool>,
     running: Arc<AtomicBool>,
@@ -206,16 +206,6 @@ pub fn payload_padded(user_index: u8, video: bool, n: u32, keyframe: bool, pad: 
     Bytes::from(p)
 }
 
-fn candidate_init(c: IceCandidate) -> RTCIceCandidateInit {
-    RTCIceCandidateInit {
-        candidate: c.candidate,
-        sdp_mid: c.sdp_mid,
-        sdp_mline_index: c.sdp_mline_index,
-        username_fragment: c.username_fragment,
-        url: None,
-    }
-}
-
 impl TestPeer {
     /// Joins `room`, publishes one Opus and one VP8 track and a "chat" channel (when `publish`),
     /// and starts sending media (user_index marks the payloads).
@@ -260,38 +250,28 @@ impl TestPeer {
         let observed = Arc::new(Observed::default());
         *observed.subscriber_video_codecs.lock().unwrap() = accept_video;
         *observed.media_runtime.lock().unwrap() = media_runtime;
-        let (pc, mut pub_events) = build_pc(&observed, factory()).await;
+        let (pc, pub_events) = build_pc(&observed, factory()).await;
         let (out_tx, out_rx) = mpsc::unbounded_channel::<(String, Value)>();
-        let subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>> = Arc::default();
+        let connections = Connections {
+            publisher: Some(pc.clone()),
+            ..Default::default()
+        };
         let running = Arc::new(AtomicBool::new(true));
         let ids_of = track_ids_of.as_deref().unwrap_or(user);
         let audio_id = format!("{ids_of}-audio");
         let video_id = format!("{ids_of}-video");
 
-        // Publisher candidates go to the sfu.
-        {
-            let (out, obs) = (out_tx.clone(), observed.clone());
-            tokio::spawn(async move {
-                while let Some(e) = pub_events.recv().await {
-                    match e {
-                        PeerEvent::Candidate(c) => {
-                            let _ = out.send((
-                                "candidate".into(),
-                                json!({"targetUid": "sfu", "pc": "publisher", "candidate": c}),
-                            ));
-                        }
-                        PeerEvent::State(state) => obs.record_state("publisher", state),
-                        _ => {}
-                    }
-                }
-            });
-        }
+        let obs = observed.clone();
+        relay_events(pub_events, out_tx.clone(), PcKind::Publisher, move |e| {
+            if let PeerEvent::State(state) = e {
+                obs.record_state("publisher", state);
+            }
+        });
         tokio::spawn(dispatch(
             client,
             out_rx,
             out_tx.clone(),
-            pc.clone(),
-            subscriber.clone(),
+            connections.clone(),
             observed.clone(),
         ));
 
@@ -368,8 +348,7 @@ impl TestPeer {
             user: user.to_owned(),
             observed,
             out: out_tx,
-            publisher: pc,
-            subscriber,
+            connections,
             chat,
             chat_open,
             running,
@@ -493,12 +472,14 @@ impl TestPeer {
 
     pub async fn close(self) {
         self.running.store(false, Ordering::SeqCst);
-        let _ = self.publisher.close().await;
-        let sub = self.subscriber.lock().unwrap().take();
+        if let Some(pc) = &self.connections.publisher {
+            let _ = pc.close().await;
+        }
+        let sub = self.connections.subscriber.lock().unwrap().take();
         if let Some(pc) = sub {
             let _ = pc.close().await;
         }
-        let _ = self.out.send(("__close".into(), Value::Null));
+        let _ = self.out.send((CLOSE.into(), Value::Null));
     }
 }
 
@@ -569,62 +550,33 @@ async fn send_media(
 /// Owns the socket.io client: answers server offers, applies answers and candidates, and
 /// records envelopes; sends what the test queues.
 async fn dispatch(
-    mut client: Client,
-    mut out: mpsc::UnboundedReceiver<(String, Value)>,
+    client: Client,
+    out: mpsc::UnboundedReceiver<(String, Value)>,
     out_tx: mpsc::UnboundedSender<(String, Value)>,
-    publisher: Arc<dyn PeerConnection>,
-    subscriber: Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
+    connections: Connections,
     observed: Arc<Observed>,
 ) {
-    loop {
-        tokio::select! {
-            o = out.recv() => match o {
-                Some((event, _)) if event == "__close" => { client.close(); return; }
-                Some((event, data)) => { let _ = client.emit(&event, &data); }
-                None => return,
-            },
-            p = client.recv(Duration::from_secs(3600)) => {
-                let Ok(Packet::Event { name, args, .. }) = p else {
-                    if p.is_err() { return; }
-                    continue;
-                };
-                if name != "msg" {
-                    let first = args.into_iter().next().unwrap_or(Value::Null);
-                    observed.events.lock().unwrap().push((name, first));
-                    continue;
-                }
-                let m = args.into_iter().next().unwrap_or(Value::Null);
-                observed.envelopes.lock().unwrap().push(m.clone());
-                let data = &m["data"];
-                if data["fromUid"] != "sfu" { continue; }
-                let pc_kind = data["pc"].as_str().unwrap_or("");
-                match (m["type"].as_str().unwrap_or(""), pc_kind) {
-                    ("answer", "publisher") => {
-                        let sdp = data["sdp"]["sdp"].as_str().unwrap_or("").to_owned();
-                        publisher.set_remote_description(RTCSessionDescription::answer(sdp).unwrap()).await.unwrap();
-                    }
-                    ("offer", "subscriber") => {
-                        observed.subscriber_offers.fetch_add(1, Ordering::SeqCst);
-                        let pc = ensure_subscriber(&subscriber, &observed, &out_tx).await;
-                        let sdp = data["sdp"]["sdp"].as_str().unwrap_or("").to_owned();
-                        *observed.offered.lock().unwrap() = sending_track_ids(&sdp);
-                        pc.set_remote_description(RTCSessionDescription::offer(sdp).unwrap()).await.unwrap();
-                        let answer = pc.create_answer(None).await.unwrap();
-                        pc.set_local_description(answer.clone()).await.unwrap();
-                        let _ = client.emit("answer", &json!({"targetUid": "sfu", "pc": "subscriber", "sdp": {"type": "answer", "sdp": answer.sdp}}));
-                    }
-                    ("candidate", kind) => {
-                        let Ok(c) = serde_json::from_value::<IceCandidate>(data["candidate"].clone()) else { continue };
-                        let pc = if kind == "publisher" { Some(publisher.clone()) } else { subscriber.lock().unwrap().clone() };
-                        if let Some(pc) = pc {
-                            let _ = pc.add_ice_candidate(candidate_init(c)).await;
-                        }
-                    }
-                    _ => {}
-                }
+    drive(
+        client,
+        out,
+        async move |client: &Client, name: String, first: Value| {
+            if name != "msg" {
+                observed.events.lock().unwrap().push((name, first));
+                return;
             }
-        }
-    }
+            observed.envelopes.lock().unwrap().push(first.clone());
+            if let Some(sdp) = subscriber_offer(&first) {
+                observed.subscriber_offers.fetch_add(1, Ordering::SeqCst);
+                *observed.offered.lock().unwrap() = sending_track_ids(sdp);
+            }
+            let new_subscriber = async || Ok(new_subscriber(&observed, &out_tx).await);
+            connections
+                .apply(client, &first, new_subscriber)
+                .await
+                .expect("the server's description or candidate applies");
+        },
+    )
+    .await
 }
 
 /// Builds a peer connection on the member's media runtime (see [`Options::media_runtime`]).
@@ -654,41 +606,27 @@ async fn build_pc(
     built.expect("peer connection")
 }
 
-async fn ensure_subscriber(
-    slot: &Arc<Mutex<Option<Arc<dyn PeerConnection>>>>,
+/// The subscriber connection, made on the server's first offer: it records what arrives.
+async fn new_subscriber(
     observed: &Arc<Observed>,
     out: &mpsc::UnboundedSender<(String, Value)>,
 ) -> Arc<dyn PeerConnection> {
-    if let Some(pc) = slot.lock().unwrap().clone() {
-        return pc;
-    }
     let codecs = observed.subscriber_video_codecs.lock().unwrap().clone();
     let factory = match codecs {
         Some(codecs) => factory().with_video_codecs(&codecs),
         None => factory(),
     };
-    let (pc, mut events) = build_pc(observed, factory).await;
-    *slot.lock().unwrap() = Some(pc.clone());
-    let (obs, out) = (observed.clone(), out.clone());
-    tokio::spawn(async move {
-        while let Some(e) = events.recv().await {
-            match e {
-                PeerEvent::Candidate(c) => {
-                    let _ = out.send((
-                        "candidate".into(),
-                        json!({"targetUid": "sfu", "pc": "subscriber", "candidate": c}),
-                    ));
-                }
-                PeerEvent::Track(t) => {
-                    tokio::spawn(record_track(t, obs.clone()));
-                }
-                PeerEvent::DataChannel(dc) => {
-                    tokio::spawn(record_channel(dc, obs.clone()));
-                }
-                PeerEvent::State(state) => obs.record_state("subscriber", state),
-                _ => {}
-            }
+    let (pc, events) = build_pc(observed, factory).await;
+    let obs = observed.clone();
+    relay_events(events, out.clone(), PcKind::Subscriber, move |e| match e {
+        PeerEvent::Track(t) => {
+            tokio::spawn(record_track(t, obs.clone()));
         }
+        PeerEvent::DataChannel(dc) => {
+            tokio::spawn(record_channel(dc, obs.clone()));
+        }
+        PeerEvent::State(state) => obs.record_state("subscriber", state),
+        _ => {}
     });
     pc
 }
