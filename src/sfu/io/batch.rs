@@ -442,31 +442,11 @@ fn from_sockaddr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
 
 /// Whether the kernel segments UDP for `socket` (probed once at start-up).
 pub fn gso_supported(socket: &impl AsRawFd) -> bool {
-    let segment: libc::c_int = 1200;
-    // SAFETY: a valid int option on a valid socket.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_SEGMENT,
-            (&segment as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as _,
-        )
-    };
-    if r != 0 {
+    if !super::port::set_int_option(socket, libc::SOL_UDP, UDP_SEGMENT, 1200) {
         return false;
     }
     // Back to no default segmentation: only messages that ask for it are split.
-    let off: libc::c_int = 0;
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_SEGMENT,
-            (&off as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as _,
-        )
-    };
+    super::port::set_int_option(socket, libc::SOL_UDP, UDP_SEGMENT, 0);
     true
 }
 

@@ -85,7 +85,32 @@ pub fn set_dont_fragment(socket: &impl std::os::fd::AsRawFd, ipv4: bool) {
             libc::IPV6_PMTUDISC_PROBE,
         )
     };
-    // SAFETY: an int option on a valid socket; failing leaves the default, which also works.
+    // Failing leaves the default, which also works.
+    set_int_option(socket, level, option, value);
+}
+
+/// Larger receive and send buffers: beyond the system's cap when the process may (as root in a
+/// container or test namespace), else up to it.
+fn grow_buffers(socket: &Socket) {
+    let bytes = SOCKET_BUFFER_BYTES as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if !set_int_option(socket, libc::SOL_SOCKET, force, bytes) {
+            set_int_option(socket, libc::SOL_SOCKET, plain, bytes);
+        }
+    }
+}
+
+/// Sets an `int` socket option; whether the kernel took it.
+pub fn set_int_option(
+    socket: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> bool {
+    // SAFETY: an int option, passed by pointer with its size, on a valid socket.
     unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
@@ -93,40 +118,7 @@ pub fn set_dont_fragment(socket: &impl std::os::fd::AsRawFd, ipv4: bool) {
             option,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as _,
-        )
-    };
-}
-
-/// Larger receive and send buffers: beyond the system's cap when the process may (as root in a
-/// container or test namespace), else up to it.
-fn grow_buffers(socket: &Socket) {
-    use std::os::fd::AsRawFd;
-    let bytes = SOCKET_BUFFER_BYTES as libc::c_int;
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        // SAFETY: int options on a valid socket.
-        let forced = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                force,
-                (&bytes as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as _,
-            )
-        } == 0;
-        if !forced {
-            unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    plain,
-                    (&bytes as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as _,
-                )
-            };
-        }
+        ) == 0
     }
 }
 
