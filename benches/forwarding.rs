@@ -26,7 +26,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use rtc::srtp::context::Context;
 use rtc::srtp::protection_profile::ProtectionProfile;
 use switchboard::sfu::api::PcKind;
-use switchboard::sfu::egress::{Egress, Route, protect_rtp};
+use switchboard::sfu::egress::{Egress, Rollover, Route, protect_rtp};
 use switchboard::sfu::forward::{
     Codec, DownTrackConfig, ExtMap, Quality, RtpHeader, RtpPacket, TrackForwarder, write_header,
 };
@@ -135,11 +135,13 @@ fn srtp(c: &mut Criterion) {
         });
         group.bench_function(format!("{name}/in-place"), |b| {
             let mut ctx = srtp_context(profile, 1);
+            let mut rollover = Rollover::default();
             let mut buf = Vec::with_capacity(2048);
             let mut bytes = 0usize;
             b.iter(|| {
                 header.sequence_number = header.sequence_number.wrapping_add(1);
-                protect_rtp(&mut ctx, &header, &p.payload, &mut buf).expect("protects");
+                let roc = rollover.roc_for(header.sequence_number);
+                protect_rtp(&mut ctx, &header, &p.payload, roc, &mut buf).expect("protects");
                 bytes += black_box(buf.len());
             });
             assert!(bytes > 0);
@@ -207,7 +209,12 @@ fn demux(c: &mut Criterion) {
         .map(|i| SocketAddr::from(([127, 0, 0, 1], 30_000 + i)))
         .collect();
     for (i, addr) in conns.iter().enumerate() {
-        routes.learn(*addr, i);
+        let conn = ConnRef {
+            loop_index: 0,
+            key: i,
+            id: i as u64,
+        };
+        routes.learn(*addr, conn);
     }
     let rtp = [0x80u8; 1012];
     group.bench_function("known-address", |b| {
@@ -236,6 +243,7 @@ fn demux(c: &mut Criterion) {
         ConnRef {
             loop_index: 0,
             key: 7,
+            id: 7,
         },
     );
     group.bench_function("stun-username", |b| {

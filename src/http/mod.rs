@@ -49,6 +49,7 @@ fn media_stats(sfu: &crate::sfu::Sfu) -> Value {
         "sendFailures": s.send_failures.load(Relaxed),
         "unrouted": s.unrouted.load(Relaxed),
         "handedOver": s.handed_over.load(Relaxed),
+        "handoverDropped": s.handover_dropped.load(Relaxed),
         "wakeups": s.wakeups.load(Relaxed),
     })
 }

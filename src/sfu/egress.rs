@@ -17,22 +17,57 @@ use slab::Slab;
 use super::forward::{RtpHeader, write_header};
 use super::io::SendBatch;
 
+/// Retransmissions a down-track sends per second at most: a subscriber's NACKs cannot make the
+/// server send more than this (one NACK packet can name hundreds of sequence numbers).
+pub const MAX_RESENDS_PER_SECOND: u32 = 500;
 /// Sender reports go out about this often per down-track (RFC 3550 allows 5 s; browsers use 1 s).
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Seconds from the NTP epoch (1900) to the Unix epoch (1970).
 const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
 
-/// Writes `header` and `payload` into `buf` (cleared first) and SRTP-protects it in place.
+/// Writes `header` and `payload` into `buf` (cleared first) and SRTP-protects it in place, with
+/// the stream's rollover counter `roc`.
 pub fn protect_rtp(
     srtp: &mut Context,
     header: &RtpHeader,
     payload: &[u8],
+    roc: u32,
     buf: &mut Vec<u8>,
 ) -> Result<(), rtc::shared::error::Error> {
     write_header(header, buf);
     let header_len = buf.len();
     buf.extend_from_slice(payload);
-    srtp.encrypt_rtp_in_place(buf, header_len)
+    srtp.encrypt_rtp_in_place_with_roc(buf, header_len, roc)
+}
+
+/// The SRTP rollover counter (RFC 3711 section 3.3.1) of a stream the server sends: kept here,
+/// per stream, so that protecting a packet needs no lookup in the context. Packets go out in
+/// sequence order but for retransmissions, which may come from before the latest wrap.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rollover {
+    highest: Option<u16>,
+    roc: u32,
+}
+
+impl Rollover {
+    /// The counter to protect packet `seq` with (and the stream's state advanced past it).
+    pub fn roc_for(&mut self, seq: u16) -> u32 {
+        let Some(highest) = self.highest else {
+            self.highest = Some(seq);
+            return self.roc;
+        };
+        if (seq.wrapping_sub(highest) as i16) > 0 {
+            if seq < highest {
+                self.roc = self.roc.wrapping_add(1); // the sequence numbers wrapped
+            }
+            self.highest = Some(seq);
+            self.roc
+        } else if seq > highest {
+            self.roc.wrapping_sub(1) // an older packet, from before the latest wrap
+        } else {
+            self.roc
+        }
+    }
 }
 
 /// Where a connection's datagrams go: its selected pair's remote address and the key that keeps
@@ -58,6 +93,9 @@ pub struct DownEgress {
     /// payload type and sequence numbers, so that its SRTP replay check and its jitter buffer
     /// take them as the repair they are.
     rtx: Option<Rtx>,
+    rollover: Rollover,
+    /// Retransmissions in the current one-second window, and when it began.
+    resends: (u32, Option<Instant>),
     clock_rate: u32,
     packets: u32,
     octets: u32,
@@ -70,6 +108,7 @@ pub struct Rtx {
     pub ssrc: u32,
     pub payload_type: u8,
     next_seq: u16,
+    rollover: Rollover,
 }
 
 impl Rtx {
@@ -78,6 +117,7 @@ impl Rtx {
             ssrc,
             payload_type,
             next_seq: (crate::random_u64() as u16) & 0x7FFF,
+            rollover: Rollover::default(),
         }
     }
 }
@@ -88,6 +128,8 @@ impl Egress {
         self.downs.insert(DownEgress {
             ssrc,
             rtx: None,
+            rollover: Rollover::default(),
+            resends: (0, None),
             clock_rate,
             packets: 0,
             octets: 0,
@@ -137,7 +179,8 @@ impl Egress {
             return false;
         };
         let mut buf = batch.buffer();
-        let protected = protect_rtp(srtp, header, payload, &mut buf);
+        let roc = down.rollover.roc_for(header.sequence_number);
+        let protected = protect_rtp(srtp, header, payload, roc, &mut buf);
         if !queue(&mut self.failed, buf, protected, route, batch) {
             return false;
         }
@@ -153,12 +196,15 @@ impl Egress {
     }
 
     /// Sends a packet again that the subscriber lost (`header` as first sent to it): as RTX
-    /// where negotiated. `false` if it could not be protected.
+    /// where negotiated. `false` if it was not sent (protection failed, or the down-track's
+    /// retransmission budget for this second is spent).
+    #[allow(clippy::too_many_arguments)]
     pub fn resend(
         &mut self,
         slot: usize,
         header: &RtpHeader,
         payload: &[u8],
+        now: Instant,
         srtp: &mut Context,
         route: Route,
         batch: &mut SendBatch,
@@ -166,9 +212,20 @@ impl Egress {
         let Some(down) = self.downs.get_mut(slot) else {
             return false;
         };
+        let (count, since) = &mut down.resends;
+        if since.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+            (*count, *since) = (0, Some(now));
+        }
+        if *count >= MAX_RESENDS_PER_SECOND {
+            return false;
+        }
+        *count += 1;
         let mut buf = batch.buffer();
         let protected = match &mut down.rtx {
-            None => protect_rtp(srtp, header, payload, &mut buf),
+            None => {
+                let roc = down.rollover.roc_for(header.sequence_number);
+                protect_rtp(srtp, header, payload, roc, &mut buf)
+            }
             Some(rtx) => {
                 // Same header but payload type, sequence number and SSRC; the original sequence
                 // number leads the payload.
@@ -176,11 +233,12 @@ impl Egress {
                 (h.payload_type, h.sequence_number, h.ssrc) =
                     (rtx.payload_type, rtx.next_seq, rtx.ssrc);
                 rtx.next_seq = rtx.next_seq.wrapping_add(1);
+                let roc = rtx.rollover.roc_for(h.sequence_number);
                 write_header(&h, &mut buf);
                 let header_len = buf.len();
                 buf.extend_from_slice(&header.sequence_number.to_be_bytes());
                 buf.extend_from_slice(payload);
-                srtp.encrypt_rtp_in_place(&mut buf, header_len)
+                srtp.encrypt_rtp_in_place_with_roc(&mut buf, header_len, roc)
             }
         };
         queue(&mut self.failed, buf, protected, route, batch)
@@ -276,21 +334,28 @@ mod tests {
         h
     }
 
-    /// The in-place protect (vendor/rtc-srtp patch) gives byte for byte what rtc-srtp's own
-    /// allocating one gives, across a sequence-number wrap, and the receiver decrypts it.
+    /// The in-place protect (vendor/rtc-srtp patch), with the rollover counter kept here, gives
+    /// byte for byte what rtc-srtp's own allocating one gives, across a sequence-number wrap and
+    /// for a retransmission from before it, and the receiver decrypts it.
     #[test]
     fn in_place_protection_matches_rtc_srtp_and_decrypts() {
         for profile in [
             ProtectionProfile::AeadAes128Gcm,
             ProtectionProfile::Aes128CmHmacSha1_80,
         ] {
-            let (mut ours, mut theirs, mut receiver) =
-                (context(profile), context(profile), context(profile));
+            let (mut ours, mut theirs, mut receiver, mut header_only) = (
+                context(profile),
+                context(profile),
+                context(profile),
+                context(profile),
+            );
             let payload = vec![0xAB; 1000];
             let mut buf = Vec::new();
-            for seq in (65530..=65535).chain(0..5) {
+            let mut rollover = Rollover::default();
+            // Across a wrap, with a retransmission from before it (65534 after 2).
+            for seq in (65530..=65535).chain(0..3).chain([65534]).chain(3..5) {
                 let h = header(seq);
-                protect_rtp(&mut ours, &h, &payload, &mut buf).unwrap();
+                protect_rtp(&mut ours, &h, &payload, rollover.roc_for(seq), &mut buf).unwrap();
                 let mut plain = Vec::new();
                 write_header(&h, &mut plain);
                 plain.extend_from_slice(&payload);
@@ -298,6 +363,12 @@ mod tests {
                 assert_eq!(buf, &expected[..], "{profile:?} seq {seq}");
                 let decrypted = receiver.decrypt_rtp(&buf).unwrap();
                 assert_eq!(&decrypted[..], &plain[..], "{profile:?} seq {seq}");
+                // The in-place protect that keeps the counter in the context agrees.
+                let mut kept = plain.clone();
+                header_only
+                    .encrypt_rtp_in_place(&mut kept, plain.len() - payload.len())
+                    .unwrap();
+                assert_eq!(kept, buf, "{profile:?} seq {seq}");
             }
         }
     }
@@ -339,8 +410,9 @@ mod tests {
         let video = egress.add(0xCAFE, 90_000);
         let mut batch = SendBatch::new(false);
         let payload = vec![7u8; 100];
+        let now = Instant::now();
         let h = header(599);
-        assert!(egress.resend(video, &h, &payload, &mut srtp, route(), &mut batch));
+        assert!(egress.resend(video, &h, &payload, now, &mut srtp, route(), &mut batch));
         let plain = sent(&mut batch, &mut receiver, false);
         let mut expected = Vec::new();
         write_header(&h, &mut expected);
@@ -358,6 +430,7 @@ mod tests {
                 video,
                 &header(seq),
                 &payload,
+                now,
                 &mut srtp,
                 route(),
                 &mut batch
@@ -385,15 +458,59 @@ mod tests {
         assert_eq!(rtx_seq(&rtx[1]), rtx_seq(&rtx[0]).wrapping_add(1));
         // A renegotiation that keeps RTX keeps its numbering; one without RTX drops it.
         egress.set_rtx(video, 0xBEEF, Some(97));
-        assert!(egress.resend(video, &header(1), &payload, &mut srtp, route(), &mut batch));
+        assert!(egress.resend(
+            video,
+            &header(1),
+            &payload,
+            now,
+            &mut srtp,
+            route(),
+            &mut batch
+        ));
         let again = sent(&mut batch, &mut receiver, false);
         assert_eq!(rtx_seq(&again[0]), rtx_seq(&rtx[1]).wrapping_add(1));
         egress.set_rtx(video, 0xBEEF, None);
-        assert!(egress.resend(video, &header(2), &payload, &mut srtp, route(), &mut batch));
+        assert!(egress.resend(
+            video,
+            &header(2),
+            &payload,
+            now,
+            &mut srtp,
+            route(),
+            &mut batch
+        ));
         assert_eq!(
             &sent(&mut batch, &mut receiver, false)[0][8..12],
             &0xCAFEu32.to_be_bytes()
         );
+        // A flood of NACKs gets at most MAX_RESENDS_PER_SECOND answers a second.
+        let mut fresh = Egress::default();
+        let slot = fresh.add(0xCAFE, 90_000);
+        let resent = (0..2 * MAX_RESENDS_PER_SECOND)
+            .filter(|i| {
+                fresh.resend(
+                    slot,
+                    &header(*i as u16),
+                    &payload,
+                    now,
+                    &mut srtp,
+                    route(),
+                    &mut batch,
+                )
+            })
+            .count();
+        assert_eq!(resent, MAX_RESENDS_PER_SECOND as usize);
+        let later = now + Duration::from_secs(1);
+        assert!(fresh.resend(
+            slot,
+            &header(1),
+            &payload,
+            later,
+            &mut srtp,
+            route(),
+            &mut batch
+        ));
+        batch.drain_for_test();
     }
 
     #[test]

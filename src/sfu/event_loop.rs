@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,8 +23,8 @@ use tracing::{debug, error};
 
 use super::Shared;
 use super::io::RecvBatch;
-use super::io::router::{Router, Routes};
-use super::peer::{ConnKey, PeerSettings};
+use super::io::router::{ConnRef, Router, Routes};
+use super::peer::PeerSettings;
 use super::relay::{Command, MediaState};
 
 const SOCKET: Token = Token(0);
@@ -40,7 +40,7 @@ const MAX_WAIT: Duration = Duration::from_secs(1);
 pub enum Input {
     Command(Command),
     /// Datagrams another loop received for connections of this one.
-    Datagrams(Vec<(ConnKey, SocketAddr, Vec<u8>)>),
+    Datagrams(Vec<(ConnRef, SocketAddr, Vec<u8>)>),
     /// Routes to connections another loop closed.
     Forget(Vec<SocketAddr>),
     Shutdown(oneshot::Sender<()>),
@@ -51,12 +51,28 @@ pub enum Input {
 pub struct Mailbox {
     inbox: mpsc::Sender<Input>,
     waker: Arc<Waker>,
+    /// Handed-over datagrams queued and not yet taken (bounded by MAX_HANDED_OVER).
+    handed_over: Arc<AtomicUsize>,
 }
+
+/// Datagrams queued from other loops beyond which more are dropped (a loop that cannot keep up
+/// must not grow memory without bound).
+const MAX_HANDED_OVER: usize = 8192;
 
 impl Mailbox {
     /// Delivers `input` and wakes the loop; `false` if the loop has stopped.
     pub fn send(&self, input: Input) -> bool {
         self.inbox.send(input).is_ok() && self.waker.wake().is_ok()
+    }
+
+    /// Hands datagrams over, unless too many already wait; `false` if dropped.
+    fn hand_over(&self, datagrams: Vec<(ConnRef, SocketAddr, Vec<u8>)>) -> bool {
+        let n = datagrams.len();
+        if self.handed_over.load(Ordering::Relaxed) + n > MAX_HANDED_OVER {
+            return false;
+        }
+        self.handed_over.fetch_add(n, Ordering::Relaxed);
+        self.send(Input::Datagrams(datagrams))
     }
 }
 
@@ -82,7 +98,11 @@ pub fn start(
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let (tx, rx) = mpsc::channel();
-        mailboxes.push(Mailbox { inbox: tx, waker });
+        mailboxes.push(Mailbox {
+            inbox: tx,
+            waker,
+            handed_over: Arc::default(),
+        });
         inboxes.push(rx);
         polls.push(poll);
     }
@@ -227,11 +247,16 @@ impl EventLoop {
             match input {
                 Input::Command(command) => self.state.handle_command(command, now),
                 Input::Datagrams(datagrams) => {
-                    for (key, from, data) in datagrams {
-                        if self.state.conns.contains(key) {
+                    self.peers[self.index]
+                        .handed_over
+                        .fetch_sub(datagrams.len(), Ordering::Relaxed);
+                    for (conn, from, data) in datagrams {
+                        self.state.handle_datagram(conn, now, from, &data);
+                        // Only for a connection's selected pair: a client must not make the
+                        // server open sockets for addresses of its choosing.
+                        if self.state.is_route_of(conn, from) {
                             self.connect_directly(from);
                         }
-                        self.state.handle_datagram(key, now, from, &data);
                     }
                 }
                 Input::Forget(addrs) => {
@@ -252,7 +277,7 @@ impl EventLoop {
     /// Everything queued on a socket (the loop's own, or a connected one), batch by batch; each
     /// batch's output goes out at once.
     fn receive(&mut self, direct: Option<usize>, now: Instant) {
-        let mut handover: Vec<Vec<(ConnKey, SocketAddr, Vec<u8>)>> = Vec::new();
+        let mut handover: Vec<Vec<(ConnRef, SocketAddr, Vec<u8>)>> = Vec::new();
         loop {
             let received = match direct {
                 None => self.recv.recv(&self.socket),
@@ -279,13 +304,13 @@ impl EventLoop {
                 };
                 match self.state.routes.route(from, data) {
                     Some(conn) if conn.loop_index == self.index => {
-                        self.state.handle_datagram(conn.key, now, from, data)
+                        self.state.handle_datagram(conn, now, from, data)
                     }
                     Some(conn) => {
                         if handover.len() <= conn.loop_index {
                             handover.resize_with(conn.loop_index + 1, Vec::new);
                         }
-                        handover[conn.loop_index].push((conn.key, from, data.to_vec()));
+                        handover[conn.loop_index].push((conn, from, data.to_vec()));
                     }
                     None => {
                         stats.unrouted.fetch_add(1, Ordering::Relaxed);
@@ -299,12 +324,15 @@ impl EventLoop {
             }
         }
         for (target, datagrams) in handover.into_iter().enumerate() {
-            if !datagrams.is_empty() {
-                self.shared
-                    .stats
-                    .handed_over
-                    .fetch_add(datagrams.len() as u64, Ordering::Relaxed);
-                self.peers[target].send(Input::Datagrams(datagrams));
+            let n = datagrams.len() as u64;
+            if n == 0 {
+                continue;
+            }
+            let stats = &self.shared.stats;
+            if self.peers[target].hand_over(datagrams) {
+                stats.handed_over.fetch_add(n, Ordering::Relaxed);
+            } else {
+                stats.handover_dropped.fetch_add(n, Ordering::Relaxed);
             }
         }
     }

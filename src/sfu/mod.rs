@@ -57,6 +57,8 @@ pub struct Stats {
     pub unrouted: AtomicU64,
     /// Datagrams one loop received for another loop's connection.
     pub handed_over: AtomicU64,
+    /// ... and dropped because that loop had too many of them waiting.
+    pub handover_dropped: AtomicU64,
     /// Times an event loop woke up (a datagram, a command or a timer).
     pub wakeups: AtomicU64,
 }

@@ -135,10 +135,11 @@ impl<S> TrackForwarder<S> {
     }
 
     /// Registers a source SSRC (a simulcast layer by its rid, or the single stream). A known SSRC
-    /// is ignored, so repeated announcements (after every renegotiation) are harmless.
-    pub fn add_layer(&mut self, ssrc: u32, rid: Option<&str>) {
+    /// is ignored, so repeated announcements (after every renegotiation) are harmless. Returns the
+    /// SSRC of the layer it replaces, if any.
+    pub fn add_layer(&mut self, ssrc: u32, rid: Option<&str>) -> Option<u32> {
         if self.has_layer(ssrc) {
-            return;
+            return None;
         }
         let quality = match rid {
             // A single stream: any wish maps to it.
@@ -146,7 +147,11 @@ impl<S> TrackForwarder<S> {
             Some(rid) => self.quality_of(rid),
         };
         // The same rank again (a re-publish with new SSRCs): the new source replaces the old.
-        self.layers.retain(|l| l.quality != quality);
+        let replaced = self
+            .layers
+            .iter()
+            .position(|l| l.quality == quality)
+            .map(|i| self.layers.swap_remove(i).ssrc);
         self.layers.push(Layer {
             ssrc,
             quality,
@@ -154,6 +159,7 @@ impl<S> TrackForwarder<S> {
             last_keyframe_request: None,
             kept: Vec::new(),
         });
+        replaced
     }
 
     pub fn add_down_track(&mut self, config: DownTrackConfig, sink: S) {

@@ -662,3 +662,18 @@ fn a_lost_packet_is_sent_again_as_each_subscriber_numbered_it() {
     audio.keep(p);
     assert!(audio.retransmission(1, 1).is_none());
 }
+
+#[test]
+fn a_layer_published_again_names_the_source_it_replaces() {
+    let mut f: TrackForwarder<u64> = TrackForwarder::new(Codec::Vp8);
+    f.set_rids(&["q".into(), "f".into()]);
+    assert_eq!(f.add_layer(100, Some("q")), None);
+    assert_eq!(f.add_layer(300, Some("f")), None);
+    assert_eq!(
+        f.add_layer(100, Some("q")),
+        None,
+        "a known source changes nothing"
+    );
+    assert_eq!(f.add_layer(101, Some("q")), Some(100));
+    assert!(f.has_layer(101) && !f.has_layer(100) && f.has_layer(300));
+}

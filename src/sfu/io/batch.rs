@@ -250,8 +250,10 @@ impl SendBatch {
                 while i + count < self.order.len() && count < MAX_GSO_SEGMENTS {
                     let (key, index) = self.order[i + count];
                     let next = &self.queue[index as usize];
-                    // All segments but the last have the run's size; the last may be shorter.
+                    // One address per run (a connection checks several during ICE); all
+                    // segments but the last have the run's size, the last may be shorter.
                     if key != first.key
+                        || next.to != first.to
                         || next.data.len() > segment
                         || bytes + next.data.len() > MAX_GSO_BYTES
                     {
@@ -525,6 +527,22 @@ mod tests {
         }
         // Buffers were recycled: the next one comes from the pool, empty.
         assert!(batch.buffer().is_empty());
+    }
+
+    #[test]
+    fn datagrams_of_one_key_to_several_addresses_are_never_merged() {
+        // A connection's ICE checks go to each candidate address under the same key.
+        let sender = loopback();
+        let receivers: Vec<UdpSocket> = (0..3).map(|_| loopback()).collect();
+        let mut batch = SendBatch::new(gso_supported(&sender));
+        for r in &receivers {
+            batch.push(7, r.local_addr().unwrap(), vec![0x01; 100]);
+        }
+        batch.flush(&sender);
+        assert_eq!(batch.stats.gso_messages, 0, "{:?}", batch.stats);
+        for r in &receivers {
+            assert_eq!(drain(r, 1, Duration::from_secs(2)).len(), 1);
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Which event loop and connection a datagram belongs to. A connection is found by the ICE
-//! username fragment of the first STUN request that reaches it, or by a remote address it sent
-//! to (full ICE checks first); after that by the source address alone.
+//! Which event loop and connection a datagram belongs to. A STUN request names its connection
+//! by the ICE username fragment (each connection has its own), and that always decides, so an
+//! address that changes hands follows its new owner; other datagrams go by the source address,
+//! learned from those requests or from the addresses a connection checked itself (full ICE may
+//! check first; such a hint never displaces an address another connection holds).
 //!
 //! Each loop has its own socket on the shared port, and the kernel spreads clients over those
 //! sockets by address, not by room: a datagram can arrive at a loop that does not own its
@@ -13,11 +15,13 @@ use std::sync::{Arc, Mutex};
 
 use super::stun;
 
-/// A connection on some event loop.
+/// A connection on some event loop. `id` is unique for the node's life: a slot `key` is reused
+/// after a connection closes, so a route that outlived its connection is told apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnRef {
     pub loop_index: usize,
     pub key: usize,
+    pub id: u64,
 }
 
 #[derive(Default)]
@@ -84,36 +88,30 @@ impl Routes {
 
     /// The connection a datagram from `from` belongs to, if any.
     pub fn route(&mut self, from: SocketAddr, datagram: &[u8]) -> Option<ConnRef> {
+        if let Some(ufrag) = stun::local_ufrag(datagram) {
+            let mut table = self.router.table();
+            let conn = *table.by_ufrag.get(std::str::from_utf8(ufrag).ok()?)?;
+            table.by_addr.insert(from, conn);
+            drop(table);
+            self.cache.insert(from, conn);
+            return Some(conn);
+        }
         if let Some(conn) = self.cache.get(&from) {
             return Some(*conn);
         }
-        let mut table = self.router.table();
-        let conn = match stun::local_ufrag(datagram)
-            .and_then(|u| std::str::from_utf8(u).ok())
-            .and_then(|u| table.by_ufrag.get(u).copied())
-        {
-            Some(conn) => {
-                table.by_addr.insert(from, conn);
-                conn
-            }
-            None => *table.by_addr.get(&from)?,
-        };
-        drop(table);
+        let conn = *self.router.table().by_addr.get(&from)?;
         self.cache.insert(from, conn);
         Some(conn)
     }
 
-    /// This loop's connection `key` sends to `to`: its answers come from there.
-    pub fn learn(&mut self, to: SocketAddr, key: usize) {
-        let conn = ConnRef {
-            loop_index: self.loop_index,
-            key,
-        };
-        if self.cache.get(&to) == Some(&conn) {
+    /// This loop's connection `conn` checks `to`: its answers may come from there (unless
+    /// another connection already holds that address).
+    pub fn learn(&mut self, to: SocketAddr, conn: ConnRef) {
+        if self.cache.contains_key(&to) {
             return;
         }
-        self.cache.insert(to, conn);
-        self.router.table().by_addr.insert(to, conn);
+        let holder = *self.router.table().by_addr.entry(to).or_insert(conn);
+        self.cache.insert(to, holder);
     }
 
     /// Drops cached routes (of a connection closed here or on another loop).
@@ -123,12 +121,8 @@ impl Routes {
         }
     }
 
-    /// Drops every cached route to this loop's connection `key`.
-    pub fn forget_conn(&mut self, key: usize) {
-        let conn = ConnRef {
-            loop_index: self.loop_index,
-            key,
-        };
+    /// Drops every cached route to this loop's connection `conn`.
+    pub fn forget_conn(&mut self, conn: ConnRef) {
         self.cache.retain(|_, c| *c != conn);
     }
 }
@@ -162,6 +156,7 @@ mod tests {
         let conn = ConnRef {
             loop_index: 1,
             key: 7,
+            id: 70,
         };
         router.register("abcd", conn);
         let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
@@ -182,7 +177,7 @@ mod tests {
         let gone = router.unregister("abcd", conn);
         assert_eq!(gone, vec![client]);
         loop0.forget(&gone);
-        loop1.forget_conn(7);
+        loop1.forget_conn(conn);
         assert_eq!(loop0.route(client, &[22, 254, 253]), None);
         assert_eq!(loop1.route(client, &[22, 254, 253]), None);
     }
@@ -192,17 +187,52 @@ mod tests {
         let router = Router::default();
         let (mut loop0, mut loop1) = (Routes::new(0, router.clone()), Routes::new(1, router));
         let client: SocketAddr = "127.0.0.1:6000".parse().unwrap();
-        loop1.learn(client, 3);
+        let conn = ConnRef {
+            loop_index: 1,
+            key: 3,
+            id: 30,
+        };
+        loop1.learn(client, conn);
         // A binding response (no USERNAME) lands on loop 0.
         let response = [
             0x01, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         ];
-        assert_eq!(
-            loop0.route(client, &response),
-            Some(ConnRef {
-                loop_index: 1,
-                key: 3
-            })
+        assert_eq!(loop0.route(client, &response), Some(conn));
+    }
+
+    #[test]
+    fn a_hint_never_takes_an_address_and_a_request_always_names_its_connection() {
+        let router = Router::default();
+        let mut routes = Routes::new(0, router.clone());
+        let (alice, mallory) = (
+            ConnRef {
+                loop_index: 0,
+                key: 1,
+                id: 1,
+            },
+            ConnRef {
+                loop_index: 0,
+                key: 2,
+                id: 2,
+            },
         );
+        router.register("alice", alice);
+        router.register("mallory", mallory);
+        let addr: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        assert_eq!(routes.route(addr, &binding_request("alice:x")), Some(alice));
+        // Mallory lists alice's address as a candidate: the server's checks to it change nothing.
+        routes.learn(addr, mallory);
+        let mut other = Routes::new(1, router.clone());
+        other.learn(addr, mallory);
+        assert_eq!(routes.route(addr, &[0x80, 96]), Some(alice));
+        assert_eq!(other.route(addr, &[0x80, 96]), Some(alice));
+        // A new connection behind the same address (a client's port reused) takes it by its
+        // request; an unknown username routes nowhere.
+        assert_eq!(
+            routes.route(addr, &binding_request("mallory:y")),
+            Some(mallory)
+        );
+        assert_eq!(routes.route(addr, &[0x80, 96]), Some(mallory));
+        assert_eq!(routes.route(addr, &binding_request("gone:z")), None);
     }
 }

@@ -22,6 +22,10 @@ pub use settings::{FORWARDED_EXTENSIONS, PeerSettings, VIDEO_CODECS, media_engin
 pub const MAX_REMOTE_CANDIDATES: usize = 64;
 pub const MAX_CANDIDATE_LEN: usize = 1024;
 
+/// Sources (SSRCs) a publisher connection may send: more are not forwarded (a browser sends a
+/// few per track; a client cycling through SSRCs must not grow the server's state).
+pub const MAX_SOURCES: usize = 32;
+
 /// Index of a connection in its event loop.
 pub type ConnKey = usize;
 
@@ -35,7 +39,11 @@ struct RemoteCandidates {
 }
 
 pub struct Connection {
-    pub pc: RTCPeerConnection,
+    /// Unique for the node's life (the slab key is reused once the connection closes).
+    pub id: u64,
+    /// Boxed: webrtc-rs's connection is large, and the fields below are what forwarding reads
+    /// for every subscriber and packet; kept apart, they sit densely in the loop's slab.
+    pub pc: Box<RTCPeerConnection>,
     pub kind: PcKind,
     /// The member (userId) it belongs to.
     pub user: String,
@@ -51,18 +59,30 @@ pub struct Connection {
     /// The earliest entry for this connection in its loop's timer heap.
     pub scheduled: Option<Instant>,
     remote: RemoteCandidates,
-    /// Subscriber: the down-tracks it sends.
+    /// Subscriber: the down-tracks it sends, and the outbound SRTP context it protects them
+    /// with (taken from webrtc-rs once DTLS is done: everything a subscriber connection sends
+    /// over SRTP is the server's own, see crate::sfu::egress).
     pub egress: Egress,
+    pub srtp: Option<rtc::srtp::context::Context>,
     /// Publisher: source SSRC -> published track (`None`: known not to be forwarded).
     pub inbound: Vec<(u32, Option<usize>)>,
     /// Publisher: its data channels -> relayed channel; subscriber: copies -> relayed channel.
     pub channels: Vec<(RTCDataChannelId, usize)>,
+    /// Publisher: track ids refused (in use in the room), told to the client once.
+    pub refused: Vec<String>,
 }
 
 impl Connection {
-    pub fn new(pc: RTCPeerConnection, kind: PcKind, user: &str, ufrag: String) -> Connection {
+    pub fn new(
+        id: u64,
+        pc: RTCPeerConnection,
+        kind: PcKind,
+        user: &str,
+        ufrag: String,
+    ) -> Connection {
         Connection {
-            pc,
+            id,
+            pc: Box::new(pc),
             kind,
             user: user.to_owned(),
             ufrag,
@@ -73,8 +93,10 @@ impl Connection {
             scheduled: None,
             remote: RemoteCandidates::default(),
             egress: Egress::default(),
+            srtp: None,
             inbound: Vec::new(),
             channels: Vec::new(),
+            refused: Vec::new(),
         }
     }
 
@@ -87,9 +109,11 @@ impl Connection {
     }
 
     pub fn set_inbound(&mut self, ssrc: u32, track: Option<usize>) {
+        let full = self.inbound.len() >= MAX_SOURCES;
         match self.inbound.iter_mut().find(|(s, _)| *s == ssrc) {
             Some(entry) => entry.1 = track,
-            None => self.inbound.push((ssrc, track)),
+            None if !full => self.inbound.push((ssrc, track)),
+            None => tracing::debug!(user = %self.user, ssrc, "too many sources: not forwarded"),
         }
     }
 

@@ -39,7 +39,7 @@ use super::api::{MediaKind, PcKind, SfuEvent};
 use super::egress::Route;
 use super::forward::{DownTrackId, Quality, TrackForwarder};
 use super::io::SendBatch;
-use super::io::router::Routes;
+use super::io::router::{ConnRef, Routes};
 use super::io::stun;
 use super::peer::{ConnKey, Connection, PeerSettings};
 use negotiation::Negotiation;
@@ -159,6 +159,7 @@ pub struct MediaState {
     next_reports: Instant,
     /// Addresses of connections closed here, for the other loops to forget.
     pub forgotten: Vec<SocketAddr>,
+    next_conn_id: u64,
 }
 
 impl MediaState {
@@ -188,6 +189,7 @@ impl MediaState {
             negotiating: HashSet::new(),
             next_reports: Instant::now() + super::egress::REPORT_INTERVAL,
             forgotten: Vec::new(),
+            next_conn_id: 0,
         }
     }
 
@@ -195,10 +197,12 @@ impl MediaState {
         let _ = self.events.send(event);
     }
 
-    /// A datagram for connection `key` (routed by the loop).
-    pub fn handle_datagram(&mut self, key: ConnKey, now: Instant, from: SocketAddr, data: &[u8]) {
+    /// A datagram for connection `conn` (routed by the loop); dropped if that connection has
+    /// closed since it was routed.
+    pub fn handle_datagram(&mut self, conn: ConnRef, now: Instant, from: SocketAddr, data: &[u8]) {
         let local_addr = self.settings.candidate_addr;
-        let Some(conn) = self.conns.get_mut(key) else {
+        let key = conn.key;
+        let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == conn.id) else {
             return;
         };
         let _ = conn.pc.handle_read(TaggedBytesMut {
@@ -247,13 +251,21 @@ impl MediaState {
             let to = out.transport.peer_addr;
             if stun::is_stun(&out.message) {
                 // Full ICE: the server may check an address before hearing from it.
-                self.routes.learn(to, key);
+                let me = ConnRef {
+                    loop_index: self.routes.loop_index(),
+                    key,
+                    id: conn.id,
+                };
+                self.routes.learn(to, me);
             }
             let mut buf = self.batch.buffer();
             buf.extend_from_slice(&out.message);
             self.batch.push(key as u32, to, buf);
         }
         conn.route = conn.pc.selected_pair_addrs().map(|(_, remote)| remote);
+        if conn.kind == PcKind::Subscriber && conn.srtp.is_none() {
+            conn.srtp = conn.pc.take_local_srtp_context();
+        }
         // rtc may report a deadline already past; never spin on it.
         let next = conn
             .pc
@@ -266,6 +278,13 @@ impl MediaState {
             conn.scheduled = Some(t);
             self.timers.push(Reverse((t, key)));
         }
+    }
+
+    /// Whether `from` is the selected remote address of the (still open) connection `conn`.
+    pub fn is_route_of(&self, conn: ConnRef, from: SocketAddr) -> bool {
+        self.conns
+            .get(conn.key)
+            .is_some_and(|c| c.id == conn.id && c.route == Some(from))
     }
 
     /// A connection the application wrote to (a PLI, a channel message, a close).
@@ -406,9 +425,12 @@ impl MediaState {
         let wall = SystemTime::now();
         for (key, conn) in self.conns.iter_mut() {
             let Connection {
-                pc, egress, route, ..
+                egress,
+                route,
+                srtp,
+                ..
             } = conn;
-            if let (Some(to), Some(srtp)) = (*route, pc.local_srtp_context()) {
+            if let (Some(to), Some(srtp)) = (*route, srtp.as_mut()) {
                 let route = Route {
                     to,
                     key: key as u32,

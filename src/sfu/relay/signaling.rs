@@ -93,7 +93,12 @@ impl MediaState {
                 session,
                 reply,
             } => {
-                let _ = reply.send(self.join(&user, &room, &session, now));
+                let joined = self.join(&user, &room, &session, now);
+                if joined.is_err() {
+                    // Not left to the requester, which may have gone meanwhile.
+                    self.shared.directory().remove(&user, &session);
+                }
+                let _ = reply.send(joined);
             }
             Command::Offer {
                 user,
@@ -235,12 +240,15 @@ impl MediaState {
             ..Default::default()
         })
         .map_err(internal)?;
+        self.next_conn_id += 1;
+        let id = self.next_conn_id;
         let key = self
             .conns
-            .insert(Connection::new(pc, kind, user, ufrag.clone()));
+            .insert(Connection::new(id, pc, kind, user, ufrag.clone()));
         let conn = ConnRef {
             loop_index: self.routes.loop_index(),
             key,
+            id,
         };
         self.routes.router().register(&ufrag, conn);
         debug!(%user, pc = ?kind, key, "connection created");
@@ -617,9 +625,10 @@ impl MediaState {
         let me = ConnRef {
             loop_index: self.routes.loop_index(),
             key,
+            id: conn.id,
         };
         let addrs = self.routes.router().unregister(&conn.ufrag, me);
-        self.routes.forget_conn(key);
+        self.routes.forget_conn(me);
         self.forgotten.extend(addrs);
         self.dirty.retain(|k| *k != key);
     }

@@ -98,7 +98,13 @@ impl MediaState {
             .find(|&&t| self.tracks[t].track_id == track_id && self.tracks[t].owner == user)
         {
             let track = &mut self.tracks[t];
-            track.forwarder.add_layer(ssrc, rid.as_deref());
+            let replaced = track.forwarder.add_layer(ssrc, rid.as_deref());
+            // A source that replaced another (the same track published again, a layer's new
+            // SSRC) takes its place everywhere: nothing grows with each re-publish.
+            if let Some(old) = replaced {
+                track.receivers.retain(|(s, _)| *s != old);
+                self.conns[key].inbound.retain(|(s, _)| *s != old);
+            }
             if !track.receivers.iter().any(|(s, _)| *s == ssrc) {
                 track.receivers.push((ssrc, init.receiver_id));
             }
@@ -116,8 +122,13 @@ impl MediaState {
         // Subscribers tell tracks apart by id, so an id another member of the room publishes is
         // refused.
         if in_room.iter().any(|&t| self.tracks[t].track_id == track_id) {
+            let conn = &mut self.conns[key];
+            conn.set_inbound(ssrc, None);
+            if conn.refused.contains(&track_id) {
+                return; // another layer of a track already refused
+            }
+            conn.refused.push(track_id.clone());
             warn!(%user, track = %track_id, "track id in use in the room: not forwarded");
-            self.conns[key].set_inbound(ssrc, None);
             self.emit(SfuEvent::TrackRefused {
                 user_id: user.clone(),
                 session: member.session.clone(),
@@ -362,7 +373,7 @@ impl MediaState {
                         return;
                     };
                     // No selected pair or no SRTP context yet: the connection is not up, nothing to send.
-                    let (Some(to), Some(srtp)) = (sub.route, sub.pc.local_srtp_context()) else {
+                    let (Some(to), Some(srtp)) = (sub.route, sub.srtp.as_mut()) else {
                         return;
                     };
                     let route = Route {
@@ -428,7 +439,7 @@ impl MediaState {
     }
 
     /// A subscriber's NACK: the lost packets still in the track's buffer go again.
-    fn retransmit(&mut self, key: ConnKey, nack: &TransportLayerNack, _now: Instant) {
+    fn retransmit(&mut self, key: ConnKey, nack: &TransportLayerNack, now: Instant) {
         let conn = &mut self.conns[key];
         let Some(d) = self
             .members
@@ -441,9 +452,12 @@ impl MediaState {
             return;
         };
         let crate::sfu::peer::Connection {
-            pc, egress, route, ..
+            egress,
+            route,
+            srtp,
+            ..
         } = conn;
-        let (Some(to), Some(srtp)) = (*route, pc.local_srtp_context()) else {
+        let (Some(to), Some(srtp)) = (*route, srtp.as_mut()) else {
             return;
         };
         let route = Route {
@@ -452,7 +466,7 @@ impl MediaState {
         };
         for seq in nack.nacks.iter().flat_map(|pair| (*pair).into_iter()) {
             if let Some((header, payload)) = track.forwarder.retransmission(d.down_id, seq) {
-                egress.resend(d.slot, &header, &payload, srtp, route, &mut self.batch);
+                egress.resend(d.slot, &header, &payload, now, srtp, route, &mut self.batch);
             }
         }
     }

@@ -49,6 +49,28 @@ impl Context {
         Ok(dst)
     }
 
+    /// switchboard patch: [`Context::encrypt_rtp_in_place`] with the rollover counter given by
+    /// the caller, for a sender that keeps it per stream itself: no per-packet lookup of the
+    /// stream's state (an SFU protects each forwarded packet once per subscriber).
+    ///
+    /// # Errors
+    ///
+    /// Fails if the packet is shorter than `header_len` or an RTP header, or the cipher fails.
+    pub fn encrypt_rtp_in_place_with_roc(
+        &mut self,
+        packet: &mut Vec<u8>,
+        header_len: usize,
+        roc: u32,
+    ) -> Result<()> {
+        if header_len < 12 || packet.len() < header_len {
+            return Err(Error::ErrTooShortRtp);
+        }
+        let sequence_number = u16::from_be_bytes([packet[2], packet[3]]);
+        let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+        self.cipher
+            .encrypt_rtp_in_place(packet, header_len, ssrc, sequence_number, roc)
+    }
+
     /// switchboard patch: authenticates and decrypts the SRTP packet in `packet` in place and
     /// drops its auth tag, so that a receiver that owns the datagram's buffer decrypts without
     /// allocating or copying. The header (CSRCs and extensions included) is read from the bytes.

@@ -2,7 +2,7 @@
 //!
 //! An SFU forwards each received packet to many subscribers. Through `RTCRtpSender::write_rtp`
 //! every copy is validated, moved by value through eight handler stages and the interceptor
-//! chain, marshalled again and encrypted into a fresh buffer. These two accessors hand the
+//! chain, marshalled again and encrypted into a fresh buffer. These accessors hand the
 //! application the connection's outbound SRTP context and the selected candidate pair instead,
 //! so it can protect a packet it wrote itself in place
 //! (`srtp::context::Context::encrypt_rtp_in_place`) and send it on its own socket.
@@ -22,6 +22,17 @@ impl RTCPeerConnection {
             .srtp_handler_context
             .local_srtp_context
             .as_mut()
+    }
+
+    /// Hands the outbound SRTP context to the application, for a connection whose every RTP and
+    /// RTCP packet the application protects itself (an SFU's subscriber connection). From then on
+    /// the connection's own pipeline can no longer protect anything: it drops what is written
+    /// through it, with a warning.
+    pub fn take_local_srtp_context(&mut self) -> Option<srtp::context::Context> {
+        self.pipeline_context
+            .srtp_handler_context
+            .local_srtp_context
+            .take()
     }
 
     /// The local and remote addresses of the selected candidate pair (where the connection's
