@@ -112,8 +112,9 @@ async fn load(args: switchboard::load::LoadArgs) -> anyhow::Result<()> {
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         // switchboard's own info; other crates' warnings only (webrtc-rs logs every
-        // connection's state changes at info).
-        .unwrap_or_else(|_| EnvFilter::new("warn,switchboard=info"));
+        // connection's state changes at info, and its ICE agent warns, as a controlling agent,
+        // about every connection whose candidates have not arrived yet).
+        .unwrap_or_else(|_| EnvFilter::new("warn,switchboard=info,rtc_ice::agent=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
