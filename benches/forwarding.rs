@@ -11,11 +11,15 @@
 //!   then the batch assembled into sendmmsg/GSO messages (the syscall left out).
 //! - `demux/*`: routing a datagram: a known address (the steady state), and the STUN username
 //!   of a first contact.
-//! - `receive/publisher-packet`: what webrtc-rs's core does with one SRTP video packet from a
-//!   publisher before the forwarding core sees it: `handle_read` (SRTP decrypt, the interceptors
-//!   the server registers, stats), then `poll_event`, `poll_read`, `poll_write` and
-//!   `poll_timeout` as the event loop calls them. The publisher is a second `rtc` connection in
-//!   memory, connected to the server's through a DTLS handshake run without a network.
+//! - `receive/webrtc-rs`: what webrtc-rs's core does with one SRTP video packet from a
+//!   publisher before the forwarding core sees it (a source's first packets take this path):
+//!   `handle_read` (SRTP decrypt, stats; the server's publisher connections carry no receive
+//!   interceptor), then `poll_event`, `poll_read`, `poll_write` and `poll_timeout` as the event
+//!   loop calls them. The publisher is a second `rtc` connection in memory, connected to the
+//!   server's through a DTLS handshake run without a network.
+//! - `receive/lean`: the same packets on the server's own receive path once the source is bound
+//!   (`switchboard::sfu::ingress`): decrypt in place, parse, NACK / receiver-report / TWCC
+//!   recording.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -30,6 +34,7 @@ use switchboard::sfu::egress::{Egress, Rollover, Route, protect_rtp};
 use switchboard::sfu::forward::{
     Codec, DownTrackConfig, ExtMap, Quality, RtpHeader, RtpPacket, TrackForwarder, write_header,
 };
+use switchboard::sfu::ingress::{self, Ingress};
 use switchboard::sfu::io::router::{ConnRef, Router, Routes};
 use switchboard::sfu::io::{SendBatch, stun};
 use switchboard::sfu::peer::PeerSettings;
@@ -408,7 +413,7 @@ fn receive(c: &mut Criterion) {
     let payload = Bytes::from(vec![0x10u8; 1000]);
     let (mut seq, mut sent, mut got) = (0u16, 0u64, 0u64);
     let start = Instant::now();
-    group.bench_function("publisher-packet", |b| {
+    group.bench_function("webrtc-rs", |b| {
         b.iter_batched(
             || {
                 seq = seq.wrapping_add(1);
@@ -450,8 +455,59 @@ fn receive(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         );
     });
-    group.finish();
     assert_eq!(got, sent, "every packet reached the application");
+
+    // The same packets on the server's own receive path, once the source is bound (as the event
+    // loop binds it when webrtc-rs announces the track): decrypt in place, NACK / report / TWCC
+    // recording, RTX check.
+    let receiver = server
+        .get_receivers()
+        .next()
+        .expect("the publisher's receiver");
+    let info = ingress::stream_info(&mut server, receiver, PUBLISHER_SSRC).expect("negotiated");
+    let mut lean = Ingress::default();
+    lean.bind(&info, 0);
+    let (mut sent, mut got) = (0u64, 0u64);
+    group.bench_function("lean", |b| {
+        b.iter_batched(
+            || {
+                seq = seq.wrapping_add(1);
+                let header = rtc::rtp::header::Header {
+                    version: 2,
+                    payload_type: 96,
+                    sequence_number: seq,
+                    timestamp: seq as u32 * 3000,
+                    ssrc: PUBLISHER_SSRC,
+                    ..Default::default()
+                };
+                let plain = rtc::rtp::packet::Packet {
+                    header,
+                    payload: payload.clone(),
+                }
+                .marshal()
+                .unwrap();
+                client
+                    .local_srtp_context()
+                    .unwrap()
+                    .encrypt_rtp(&plain)
+                    .unwrap()
+            },
+            |datagram| {
+                sent += 1;
+                let now = start + Duration::from_micros(sent * 1000);
+                let source = lean.source_of(&datagram).expect("a bound source");
+                let srtp = server.remote_srtp_context().unwrap();
+                if let Ok(Some((_, p))) = lean.receive(source, srtp, &datagram, now) {
+                    got += 1;
+                    black_box(p);
+                }
+                black_box(lean.poll_timeout());
+            },
+            criterion::BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+    assert_eq!(got, sent, "every packet taken by the lean path");
 }
 
 criterion_group!(benches, fanout, srtp, egress, demux, receive);

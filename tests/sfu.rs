@@ -575,7 +575,7 @@ async fn a_hundred_join_leave_cycles_leave_nothing_behind() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rtcp_feedback_flows_through_webrtcs_interceptors() {
+async fn rtcp_feedback_flows_both_ways() {
     let server = start().await;
     let addr = server.local_addr();
     // The publisher leaves out every 20th video packet: the server must NACK it upstream.
@@ -601,20 +601,40 @@ async fn rtcp_feedback_flows_through_webrtcs_interceptors() {
 
     let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
     let o = &a.observed;
-    // Upstream: NACKs for the missing packets, receiver reports, and TWCC feedback.
+    // Upstream, from the server's own receive path: NACKs for the missing packets, receiver
+    // reports that echo the publisher's sender reports, and TWCC feedback.
     let upstream = eventually(MEDIA_WAIT, || {
         count(&o.nacks_at_publisher) > 0
-            && count(&o.receiver_reports_at_publisher) > 0
+            && count(&o.reports_echoing_sr_at_publisher) > 0
             && count(&o.twcc_at_publisher) > 0
     })
     .await;
     assert!(
         upstream,
-        "at alice: nacks {} receiver reports {} twcc {}",
+        "at alice: nacks {} receiver reports {} (echoing a sender report {}) twcc {}",
         count(&o.nacks_at_publisher),
         count(&o.receiver_reports_at_publisher),
+        count(&o.reports_echoing_sr_at_publisher),
         count(&o.twcc_at_publisher)
     );
+    // Only what was left out is asked for (every 20th video packet).
+    let nacked = o.nacked_at_publisher.lock().unwrap().clone();
+    assert!(
+        nacked.iter().all(|seq| seq % 20 == 0),
+        "NACKed packets that were sent: {nacked:?}"
+    );
+    // The publisher's media took the server's own receive path, and none of it was refused.
+    let deadline = tokio::time::Instant::now() + MEDIA_WAIT;
+    let media = loop {
+        let media = healthz(addr).await["media"].clone();
+        if media["mediaReceived"].as_u64().unwrap() > 100 || tokio::time::Instant::now() > deadline
+        {
+            break media;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(media["mediaReceived"].as_u64().unwrap() > 100, "{media}");
+    assert_eq!(media["mediaRejected"].as_u64(), Some(0), "{media}");
     // Downstream: a sender report for each forwarded track.
     let reports = eventually(MEDIA_WAIT, || {
         b.tracks_from("alice").iter().all(|r| r.sender_reports > 0)

@@ -51,6 +51,8 @@ fn media_stats(sfu: &crate::sfu::Sfu) -> Value {
         "handedOver": s.handed_over.load(Relaxed),
         "handoverDropped": s.handover_dropped.load(Relaxed),
         "wakeups": s.wakeups.load(Relaxed),
+        "mediaReceived": s.media_received.load(Relaxed),
+        "mediaRejected": s.media_rejected.load(Relaxed),
     })
 }
 

@@ -342,9 +342,15 @@ impl EventLoop {
         self.state.collect_dirty(now);
         let before = self.state.batch.stats;
         self.state.batch.flush(&self.socket);
-        self.shared
-            .stats
-            .count_sends(before, self.state.batch.stats);
+        let stats = &self.shared.stats;
+        stats.count_sends(before, self.state.batch.stats);
+        let received = std::mem::take(&mut self.state.received);
+        stats
+            .media_received
+            .fetch_add(received.media, Ordering::Relaxed);
+        stats
+            .media_rejected
+            .fetch_add(received.rejected, Ordering::Relaxed);
         let forgotten = std::mem::take(&mut self.state.forgotten);
         if !forgotten.is_empty() {
             self.disconnect(&forgotten);

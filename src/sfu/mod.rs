@@ -20,6 +20,7 @@ pub mod api;
 pub mod egress;
 mod event_loop;
 pub mod forward;
+pub mod ingress;
 pub mod io;
 pub mod peer;
 pub mod relay;
@@ -61,6 +62,10 @@ pub struct Stats {
     pub handover_dropped: AtomicU64,
     /// Times an event loop woke up (a datagram, a command or a timer).
     pub wakeups: AtomicU64,
+    /// Publishers' media packets that took the server's own receive path (crate::sfu::ingress).
+    pub media_received: AtomicU64,
+    /// ... and datagrams of bound sources it dropped: failed authentication, replays, malformed.
+    pub media_rejected: AtomicU64,
 }
 
 impl Stats {

@@ -79,6 +79,10 @@ pub struct Observed {
     pub nacks_at_publisher: AtomicU64,
     pub twcc_at_publisher: AtomicU64,
     pub receiver_reports_at_publisher: AtomicU64,
+    /// Receiver reports that echo one of the publisher's sender reports (LSR set).
+    pub reports_echoing_sr_at_publisher: AtomicU64,
+    /// Sequence numbers the server asked the publisher for again.
+    pub nacked_at_publisher: Mutex<Vec<u16>>,
     /// The video codecs this member's subscriber connection accepts (`None`: all).
     pub subscriber_video_codecs: Mutex<Option<Vec<&'static str>>>,
     /// Where the peer connections run (`None`: the test's runtime).
@@ -638,11 +642,18 @@ async fn count_feedback(local: Arc<TrackLocalStaticRTP>, observed: Arc<Observed>
             let any = p.as_any();
             let counter = if any.is::<PictureLossIndication>() {
                 &observed.plis_at_publisher
-            } else if any.is::<TransportLayerNack>() {
+            } else if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+                let mut nacked = observed.nacked_at_publisher.lock().unwrap();
+                nacked.extend(nack.nacks.iter().flat_map(|pair| (*pair).into_iter()));
                 &observed.nacks_at_publisher
             } else if any.is::<TransportLayerCc>() {
                 &observed.twcc_at_publisher
-            } else if any.is::<ReceiverReport>() {
+            } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+                if rr.reports.iter().any(|r| r.last_sender_report != 0) {
+                    observed
+                        .reports_echoing_sr_at_publisher
+                        .fetch_add(1, Ordering::SeqCst);
+                }
                 &observed.receiver_reports_at_publisher
             } else {
                 continue;

@@ -214,7 +214,20 @@ try {
     // High: the best layer dee is sending (under load Chrome may pause its full layer, then
     // the server forwards the next one down).
     const high = await waitVideo((v) => v.width > 160);
-    check('setQuality high switches dee back up', high.ok, high.v);
+    // What dee sends per layer, and its bandwidth estimate: says whether a failure is Chrome
+    // pausing layers or the server not switching.
+    const deeLayers = await dee.evaluate(async () => {
+      const out = [];
+      let estimate = null;
+      (await window.sb.pub.getStats()).forEach((s) => {
+        if (s.type === 'outbound-rtp' && s.kind === 'video') {
+          out.push({ rid: s.rid, width: s.frameWidth || 0, frames: s.framesSent || 0, limit: s.qualityLimitationReason, active: s.active });
+        }
+        if (s.type === 'candidate-pair' && s.nominated) estimate = s.availableOutgoingBitrate;
+      });
+      return { estimate, out };
+    });
+    check('setQuality high switches dee back up', high.ok, { ...high.v, deeSends: deeLayers });
   }
 
   // A viewer without camera or microphone: its publisher connection carries only the chat

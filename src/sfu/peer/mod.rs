@@ -11,10 +11,12 @@ use std::time::Instant;
 use rtc::data_channel::RTCDataChannelId;
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::transport::RTCIceCandidateInit;
+use rtc::rtp_transceiver::RTCRtpReceiverId;
 use tracing::debug;
 
 use super::api::{IceCandidate, PcKind, SfuError};
 use super::egress::Egress;
+use super::ingress::{self, Ingress};
 pub use settings::{FORWARDED_EXTENSIONS, PeerSettings, VIDEO_CODECS, media_engine};
 
 /// A browser gathers a handful of candidates per connection; the limits keep a client from
@@ -66,6 +68,8 @@ pub struct Connection {
     pub srtp: Option<rtc::srtp::context::Context>,
     /// Publisher: source SSRC -> published track (`None`: known not to be forwarded).
     pub inbound: Vec<(u32, Option<usize>)>,
+    /// Publisher: the receive path of its forwarded sources (boxed: subscribers have none).
+    pub ingress: Option<Box<Ingress>>,
     /// Publisher: its data channels -> relayed channel; subscriber: copies -> relayed channel.
     pub channels: Vec<(RTCDataChannelId, usize)>,
     /// Publisher: track ids refused (in use in the room), told to the client once.
@@ -95,6 +99,7 @@ impl Connection {
             egress: Egress::default(),
             srtp: None,
             inbound: Vec::new(),
+            ingress: (kind == PcKind::Publisher).then(Box::default),
             channels: Vec::new(),
             refused: Vec::new(),
         }
@@ -114,6 +119,62 @@ impl Connection {
             Some(entry) => entry.1 = track,
             None if !full => self.inbound.push((ssrc, track)),
             None => tracing::debug!(user = %self.user, ssrc, "too many sources: not forwarded"),
+        }
+    }
+
+    /// A source now feeds track `t`; its packets take the lean receive path from now on.
+    pub fn forward_source(&mut self, ssrc: u32, receiver: RTCRtpReceiverId, t: usize) {
+        self.set_inbound(ssrc, Some(t));
+        if self.inbound_track(ssrc) != Some(Some(t)) {
+            return; // too many sources
+        }
+        let Some(ingress) = self.ingress.as_deref_mut() else {
+            return;
+        };
+        match ingress::stream_info(&mut self.pc, receiver, ssrc) {
+            Some(info) => ingress.bind(&info, t),
+            None => debug!(user = %self.user, ssrc, "no negotiated codec for a source"),
+        }
+    }
+
+    /// A source replaced by another (the same track published again, a layer's new SSRC).
+    pub fn forget_source(&mut self, ssrc: u32) {
+        self.inbound.retain(|(s, _)| *s != ssrc);
+        if let Some(ingress) = self.ingress.as_deref_mut() {
+            ingress.unbind(ssrc);
+        }
+    }
+
+    /// Track `t` is gone: its sources are no longer forwarded.
+    pub fn stop_forwarding(&mut self, t: usize) {
+        for (_, target) in self.inbound.iter_mut() {
+            if *target == Some(t) {
+                *target = None;
+            }
+        }
+        if let Some(ingress) = self.ingress.as_deref_mut() {
+            for ssrc in ingress.sources_of(t) {
+                ingress.unbind(ssrc);
+            }
+        }
+    }
+
+    /// Moves the receive path's RTCP (NACKs, receiver reports, TWCC feedback) into the
+    /// connection, which protects and sends it with its own.
+    pub fn flush_feedback(&mut self, now: Instant) {
+        let Some(ingress) = self.ingress.as_deref_mut() else {
+            return;
+        };
+        while let Some(packets) = ingress.poll_feedback() {
+            // Any receiver of the connection writes to its one RTCP path.
+            let Some(id) = self.pc.get_receivers().next() else {
+                return;
+            };
+            if let Some(mut receiver) = self.pc.rtp_receiver(id)
+                && let Err(e) = receiver.write_rtcp(now, packets)
+            {
+                debug!(user = %self.user, "cannot send feedback upstream: {e}");
+            }
         }
     }
 

@@ -2,8 +2,8 @@
 //!
 //! rtc 0.21 consumes inbound RTCP inside its interceptor chain unless an interceptor marks it
 //! `DeliverToApplication`; an SFU must see keyframe requests to relay them to the publisher.
-//! It sits last in the chain, so the built-in NACK, report and TWCC interceptors still see every
-//! packet first. Test clients use it to see all the feedback the server sends them.
+//! It sits last in the chain, so any built-in interceptor still sees every packet first. Test
+//! clients use it to see all the feedback the server sends them.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -11,6 +11,7 @@ use std::time::Instant;
 use rtc::interceptor::{Attribute, Interceptor, Packet, StreamInfo, TaggedPacket};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 
@@ -27,6 +28,11 @@ pub struct RtcpToApp {
 pub fn is_keyframe_request(p: &dyn rtc::rtcp::Packet) -> bool {
     let any = p.as_any();
     any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+}
+
+/// What the server's receive path needs from a publisher (for its receiver reports).
+pub fn is_sender_report(p: &dyn rtc::rtcp::Packet) -> bool {
+    p.as_any().is::<SenderReport>()
 }
 
 /// What the server acts on from a subscriber: keyframe requests (relayed upstream) and NACKs

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::ice::mdns::MulticastDnsMode;
-use rtc::interceptor::{NackGeneratorBuilder, ReceiverReportBuilder};
 use rtc::interceptor::{Registry, Slot};
 use rtc::peer_connection::certificate::{CertificateParams, RTCCertificate};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -23,7 +22,7 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 
-use super::rtcp_to_app::{RtcpToApp, SLOT, is_subscriber_feedback};
+use super::rtcp_to_app::{RtcpToApp, SLOT, is_sender_report, is_subscriber_feedback};
 use crate::config::MediaConfig;
 use crate::sfu::api::PcKind;
 
@@ -143,10 +142,12 @@ pub fn media_engine(video_codecs: &[&str]) -> Result<MediaEngine, rtc::shared::e
     Ok(me)
 }
 
-/// What a receiving connection needs: NACKs and receiver reports upstream, TWCC feedback, and the
-/// mid/rid extensions that tell simulcast layers apart. webrtc-rs's default set also has the NACK
-/// responder and sender reports, which act only on RTP sent through the connection: a publisher
-/// connection sends none, and each interceptor costs every received packet a trip through it.
+/// What a receiving connection negotiates: NACK and PLI feedback, TWCC (feedback and the
+/// transport-wide sequence number), and the mid/rid extensions that tell simulcast layers apart.
+/// Its interceptors are not webrtc-rs's: the server's receive path (crate::sfu::ingress) drives
+/// the NACK generator, receiver reports and TWCC receiver itself, for every received packet
+/// (those webrtc-rs still handles are handed to it), so the connection only hands the
+/// publisher's sender reports to the application.
 fn publisher_interceptors(me: &mut MediaEngine) -> Result<Registry, rtc::shared::error::Error> {
     for parameter in ["", "pli"] {
         me.register_feedback(
@@ -158,10 +159,9 @@ fn publisher_interceptors(me: &mut MediaEngine) -> Result<Registry, rtc::shared:
         );
     }
     configure_simulcast_extension_headers(me)?;
-    let registry = Registry::new()
-        .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
-        .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build());
-    configure_twcc_receiver_only(registry, me)
+    // Registers TWCC in the media engine; the interceptor it adds is left out.
+    configure_twcc_receiver_only(Registry::new(), me)?;
+    Ok(Registry::new().with(Slot::from(SLOT as usize), RtcpToApp::new(is_sender_report)))
 }
 
 /// Builds the server's peer connections.

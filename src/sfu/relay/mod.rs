@@ -160,6 +160,15 @@ pub struct MediaState {
     /// Addresses of connections closed here, for the other loops to forget.
     pub forgotten: Vec<SocketAddr>,
     next_conn_id: u64,
+    /// Counted here per packet, added to the shared counters per batch.
+    pub received: ReceiveCounts,
+}
+
+/// Publishers' media on the server's own receive path since the last batch.
+#[derive(Default, Clone, Copy)]
+pub struct ReceiveCounts {
+    pub media: u64,
+    pub rejected: u64,
 }
 
 impl MediaState {
@@ -190,6 +199,7 @@ impl MediaState {
             next_reports: Instant::now() + super::egress::REPORT_INTERVAL,
             forgotten: Vec::new(),
             next_conn_id: 0,
+            received: ReceiveCounts::default(),
         }
     }
 
@@ -205,7 +215,23 @@ impl MediaState {
         let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == conn.id) else {
             return;
         };
-        let _ = conn.pc.handle_read(TaggedBytesMut {
+        // A bound publisher source's media takes the lean receive path (crate::sfu::ingress).
+        if let Some(ingress) = conn.ingress.as_deref_mut()
+            && let Some(source) = ingress.source_of(data)
+            && let Some(srtp) = conn.pc.remote_srtp_context()
+        {
+            match ingress.receive(source, srtp, data, now) {
+                Ok(Some((t, packet))) => {
+                    self.received.media += 1;
+                    self.forward(t, tracks::from_rtc(packet), now);
+                }
+                Ok(None) => self.received.media += 1,
+                Err(_) => self.received.rejected += 1,
+            }
+            self.schedule_ingress(key);
+            return;
+        }
+        let read = conn.pc.handle_read(TaggedBytesMut {
             now,
             transport: TransportContext {
                 local_addr,
@@ -215,6 +241,11 @@ impl MediaState {
             },
             message: BytesMut::from(data),
         });
+        if read.is_ok()
+            && let Some(ingress) = conn.ingress.as_deref_mut()
+        {
+            ingress.arrived_via_core(data, now);
+        }
         self.service(key, now);
     }
 
@@ -247,6 +278,7 @@ impl MediaState {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        conn.flush_feedback(now);
         while let Some(out) = conn.pc.poll_write() {
             let to = out.transport.peer_addr;
             if stun::is_stun(&out.message) {
@@ -266,17 +298,42 @@ impl MediaState {
         if conn.kind == PcKind::Subscriber && conn.srtp.is_none() {
             conn.srtp = conn.pc.take_local_srtp_context();
         }
+        let ingress = conn.ingress.as_deref_mut().and_then(|i| i.poll_timeout());
         // rtc may report a deadline already past; never spin on it.
-        let next = conn
-            .pc
-            .poll_timeout()
+        let next = [conn.pc.poll_timeout(), ingress]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|t| t.max(now + std::time::Duration::from_millis(1)));
         conn.next_timeout = next;
-        if let Some(t) = next
+        self.schedule(key, next);
+    }
+
+    /// Keeps a timer heap entry for a connection's deadline `at` unless an earlier one is there.
+    fn schedule(&mut self, key: ConnKey, at: Option<Instant>) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Some(t) = at
             && conn.scheduled.is_none_or(|s| t < s)
         {
             conn.scheduled = Some(t);
             self.timers.push(Reverse((t, key)));
+        }
+    }
+
+    /// After a packet took the lean receive path: its interceptors may have armed a timer (the
+    /// first packet of a stream starts the NACK, report and feedback clocks).
+    fn schedule_ingress(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Some(at) = conn.ingress.as_deref_mut().and_then(|i| i.poll_timeout()) else {
+            return;
+        };
+        if conn.next_timeout.is_none_or(|t| at < t) {
+            conn.next_timeout = Some(at);
+            self.schedule(key, Some(at));
         }
     }
 
@@ -390,6 +447,9 @@ impl MediaState {
             match conn.next_timeout {
                 Some(t) if t <= now => {
                     let _ = conn.pc.handle_timeout(now);
+                    if let Some(ingress) = conn.ingress.as_deref_mut() {
+                        ingress.handle_timeout(now);
+                    }
                     self.service(key, now);
                 }
                 // An early entry (the deadline moved later): keep one for the real deadline.

@@ -40,7 +40,7 @@ fn random_ssrc() -> u32 {
 }
 
 /// rtc's parsed packet into the core's form (payload and extension values stay shared).
-fn from_rtc(p: rtp::Packet) -> RtpPacket {
+pub(super) fn from_rtc(p: rtp::Packet) -> RtpPacket {
     let h = p.header;
     let mut header = RtpHeader {
         marker: h.marker,
@@ -103,13 +103,13 @@ impl MediaState {
             // SSRC) takes its place everywhere: nothing grows with each re-publish.
             if let Some(old) = replaced {
                 track.receivers.retain(|(s, _)| *s != old);
-                self.conns[key].inbound.retain(|(s, _)| *s != old);
+                self.conns[key].forget_source(old);
             }
             if !track.receivers.iter().any(|(s, _)| *s == ssrc) {
                 track.receivers.push((ssrc, init.receiver_id));
             }
             track.publisher = key;
-            self.conns[key].set_inbound(ssrc, Some(t));
+            self.conns[key].forward_source(ssrc, init.receiver_id, t);
             return;
         }
         let Some((codec, forward_codec)) =
@@ -160,7 +160,7 @@ impl MediaState {
             receivers: vec![(ssrc, init.receiver_id)],
             forwarder,
         });
-        self.conns[key].set_inbound(ssrc, Some(t));
+        self.conns[key].forward_source(ssrc, init.receiver_id, t);
         let r = self.rooms.entry(room.clone()).or_default();
         r.tracks.push(t);
         let others: Vec<String> = r.members.iter().filter(|u| **u != user).cloned().collect();
@@ -341,11 +341,7 @@ impl MediaState {
             r.tracks.retain(|&x| x != t);
         }
         if let Some(conn) = self.conns.get_mut(publisher) {
-            for (_, target) in conn.inbound.iter_mut() {
-                if *target == Some(t) {
-                    *target = None;
-                }
-            }
+            conn.stop_forwarding(t);
         }
         let track = self.tracks.remove(t);
         info!(user = %track.owner, track = %track.track_id, "track unpublished");
@@ -355,12 +351,26 @@ impl MediaState {
         });
     }
 
-    /// A publisher's packet: fanned out to every down-track, straight into the send batch.
+    /// A publisher's packet that took webrtc-rs's receive path (a source's first packets, a
+    /// source not forwarded): recorded by the connection's receive path, then forwarded.
     pub(super) fn on_rtp(&mut self, key: ConnKey, packet: rtp::Packet, now: Instant) {
-        let Some(Some(t)) = self.conns[key].inbound_track(packet.header.ssrc) else {
+        let conn = &mut self.conns[key];
+        let packet = match conn.ingress.as_deref_mut() {
+            Some(ingress) => match ingress.record(packet, now) {
+                Some(packet) => packet,
+                None => return,
+            },
+            None => packet,
+        };
+        let Some(Some(t)) = conn.inbound_track(packet.header.ssrc) else {
             return; // not forwarded (or its track announcement is still to come)
         };
-        let packet = from_rtc(packet);
+        self.forward(t, from_rtc(packet), now);
+    }
+
+    /// A publisher's packet for track `t`: fanned out to every down-track, straight into the
+    /// send batch.
+    pub(super) fn forward(&mut self, t: usize, packet: RtpPacket, now: Instant) {
         let (tracks, conns, batch) = (&mut self.tracks, &mut self.conns, &mut self.batch);
         let Some(track) = tracks.get_mut(t) else {
             return;
@@ -421,7 +431,13 @@ impl MediaState {
         packets: Vec<Box<dyn rtc::rtcp::Packet>>,
         now: Instant,
     ) {
-        if self.conns[key].kind != PcKind::Subscriber {
+        let conn = &mut self.conns[key];
+        if let Some(ingress) = conn.ingress.as_deref_mut() {
+            // A publisher's sender reports (the only RTCP its connection hands over).
+            ingress.sender_reports(packets, now);
+            return;
+        }
+        if conn.kind != PcKind::Subscriber {
             return;
         }
         for p in packets {

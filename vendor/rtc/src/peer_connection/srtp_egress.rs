@@ -1,4 +1,5 @@
-//! switchboard patch: a lean send path for RTP the application has already serialized.
+//! switchboard patch: a lean send path for RTP the application has already serialized (and the
+//! inbound SRTP context, for a lean receive path of the application's own).
 //!
 //! An SFU forwards each received packet to many subscribers. Through `RTCRtpSender::write_rtp`
 //! every copy is validated, moved by value through eight handler stages and the interceptor
@@ -33,6 +34,18 @@ impl RTCPeerConnection {
             .srtp_handler_context
             .local_srtp_context
             .take()
+    }
+
+    /// The connection's inbound SRTP context, once DTLS has completed; `None` before. For a
+    /// receive path of the application's own (an SFU's publisher media): it decrypts a datagram
+    /// in place with it (`srtp::context::Context::decrypt_rtp_in_place`) instead of handing the
+    /// datagram to `handle_read`. Packets decrypted either way share the context's rollover
+    /// counters and replay windows, so both paths may be used on one connection.
+    pub fn remote_srtp_context(&mut self) -> Option<&mut srtp::context::Context> {
+        self.pipeline_context
+            .srtp_handler_context
+            .remote_srtp_context
+            .as_mut()
     }
 
     /// The local and remote addresses of the selected candidate pair (where the connection's
