@@ -18,6 +18,7 @@ pub struct Config {
     pub signal: SignalConfig,
     pub redis: RedisConfig,
     pub media: MediaConfig,
+    pub recording: RecordingConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -97,6 +98,51 @@ impl MediaConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecordingConfig {
+    pub dir: std::path::PathBuf,
+    pub rooms: Vec<String>,
+    pub mode: RecordingMode,
+    pub queue_packets: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordingMode {
+    Tracks,
+    Participants,
+    Both,
+}
+
+impl RecordingConfig {
+    /// Whether `room` matches one of `rooms` (a name, or a pattern where `*` is any characters).
+    pub fn records(&self, room: &str) -> bool {
+        self.rooms
+            .iter()
+            .any(|pattern| matches_pattern(pattern, room))
+    }
+}
+
+/// `*` matches any run of characters (including none); everything else matches itself.
+fn matches_pattern(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no '*': the whole name
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
 /// A STUN or TURN server for clients, in the browser's `RTCIceServer` form.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct IceServer {
@@ -118,6 +164,7 @@ pub struct Overrides {
     pub public_ip: Option<String>,
     pub udp_port: Option<u16>,
     pub media_loops: Option<usize>,
+    pub record_dir: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -166,7 +213,16 @@ impl Config {
         if let Some(v) = &o.media_loops {
             figment = figment.merge(Serialized::default("media.loops", v));
         }
+        if let Some(v) = &o.record_dir {
+            figment = figment.merge(Serialized::default("recording.dir", v));
+        }
         let config: Config = figment.extract().map_err(Box::new)?;
+        if config.recording.mode != RecordingMode::Tracks {
+            return Err(Box::new(figment::Error::from(format!(
+                "recording.mode {:?}: only \"tracks\" is built so far",
+                config.recording.mode
+            ))));
+        }
         if !config.media.public_ip.trim().is_empty() && config.media.advertised_ip().is_none() {
             return Err(Box::new(figment::Error::from(format!(
                 "media.public_ip must be an IP address, got {:?}",
@@ -198,6 +254,8 @@ mod tests {
         assert!(c.media.loops() >= 1);
         assert!(c.media.ice_servers.is_empty());
         assert_eq!(c.media.data_channel_buffer_bytes, 16 << 20);
+        assert!(c.recording.rooms.is_empty(), "nothing recorded by default");
+        assert_eq!(c.recording.mode, RecordingMode::Tracks);
     }
 
     #[test]
@@ -278,5 +336,26 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn room_patterns_match_names_and_wildcards() {
+        let config = |rooms: &[&str]| RecordingConfig {
+            dir: "r".into(),
+            rooms: rooms.iter().map(|r| r.to_string()).collect(),
+            mode: RecordingMode::Tracks,
+            queue_packets: 1,
+        };
+        let all = config(&["*"]);
+        assert!(all.records("a") && all.records(""));
+        let some = config(&["board-*", "town-hall", "*-rec-*"]);
+        for yes in ["board-", "board-7", "town-hall", "x-rec-y", "-rec-"] {
+            assert!(some.records(yes), "{yes}");
+        }
+        for no in ["board", "town-hall2", "xtown-hall", "x-rec", "boar-d"] {
+            assert!(!some.records(no), "{no}");
+        }
+        assert!(!config(&[]).records("a"));
+        assert!(config(&["a*b*c"]).records("abc") && !config(&["a*b*c"]).records("acb"));
     }
 }

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod load;
+pub mod record;
 pub mod room;
 pub mod sfu;
 pub mod signal;
@@ -42,6 +43,45 @@ pub struct Server {
 impl Server {
     /// Binds `config.server.listen` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
+        Server::start_with(config, Vec::new()).await
+    }
+
+    /// [`Server::start`], with media sinks of the caller's own: each factory is asked, for
+    /// every track published on this node, whether it wants the track's frames (see
+    /// [`record::MediaSink`]).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use switchboard::record::{Frame, MediaSink, SinkFactory, TrackMeta};
+    ///
+    /// /// Counts the audio frames of every track (a speech recognizer would take them here).
+    /// struct AudioFrames(u64);
+    ///
+    /// impl MediaSink for AudioFrames {
+    ///     fn frame(&mut self, _frame: &Frame<'_>) -> std::io::Result<()> {
+    ///         self.0 += 1;
+    ///         Ok(())
+    ///     }
+    ///     fn finish(self: Box<Self>) -> std::io::Result<Option<std::path::PathBuf>> {
+    ///         println!("{} audio frames", self.0);
+    ///         Ok(None)
+    ///     }
+    /// }
+    ///
+    /// # async fn run() -> anyhow::Result<()> {
+    /// let audio_only: SinkFactory = Arc::new(|meta: &TrackMeta| {
+    ///     (!meta.codec.is_video()).then(|| Box::new(AudioFrames(0)) as Box<dyn MediaSink>)
+    /// });
+    /// let config = switchboard::config::Config::defaults();
+    /// let server = switchboard::Server::start_with(config, vec![audio_only]).await?;
+    /// # server.shutdown().await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn start_with(
+        config: Config,
+        media_sinks: Vec<record::SinkFactory>,
+    ) -> anyhow::Result<Server> {
         let node_id = match config.server.node_id.trim() {
             "" => random_node_id(),
             id => id.to_owned(),
@@ -67,7 +107,15 @@ impl Server {
             Box::new(move |user: &str, session: &str| sessions.is_current(user, session));
         let signal = Arc::new(Signal {
             outbox: Outbox::new(rooms, bus),
-            sfu: Sfu::start(&config.media, sfu_tx, is_current)?,
+            sfu: Sfu::start(
+                &config.media,
+                sfu_tx,
+                is_current,
+                Arc::new(record::Recordings::new(
+                    config.recording.clone(),
+                    media_sinks,
+                )),
+            )?,
             node_id: node_id.clone(),
             max_message_bytes: config.signal.max_message_bytes,
         });

@@ -40,6 +40,9 @@ struct Cli {
     /// Media event loops (threads) [default: one per core].
     #[arg(long)]
     media_loops: Option<usize>,
+    /// Directory recordings are written to [default: recordings].
+    #[arg(long)]
+    record_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -72,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         public_ip: cli.public_ip,
         udp_port: cli.udp_port,
         media_loops: cli.media_loops,
+        record_dir: cli.record_dir,
     };
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     init_logging(config.server.log_format);

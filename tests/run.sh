@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite, installing what it needs first: Debian's redis-server, chromium
-# and iproute2 (the browser test runs in a network namespace with only loopback), and the Node
+# Runs the whole test suite, installing what it needs first: Debian's redis-server, chromium,
+# ffmpeg (encodes the media the recording tests send, and checks their files) and iproute2 (the browser test runs in a network namespace with only loopback), and the Node
 # packages of tests/interop (npm ci: socket.io-client, playwright-core; never a downloaded browser). Tests start their own redis-server on free
 # loopback ports; nothing here needs a running service.
 set -euo pipefail
@@ -13,6 +13,7 @@ command -v npm >/dev/null || missing+=(npm)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v unshare >/dev/null || missing+=(util-linux)
+command -v ffmpeg >/dev/null || missing+=(ffmpeg) # recordings are checked with ffprobe/ffmpeg
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
@@ -29,3 +30,5 @@ fi
 export RUST_LOG="${RUST_LOG:-switchboard=info,webrtc=warn,rtc=error}"
 export RUST_BACKTRACE=0
 cargo test --locked --all-targets "$@"
+# The library docs' examples (not among --all-targets), on a full run.
+if [ $# -eq 0 ]; then cargo test --locked --doc; fi

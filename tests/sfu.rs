@@ -396,6 +396,7 @@ async fn members_joining_together_cost_each_subscriber_one_offer() {
         accept_video: None,
         media_runtime: None,
         track_ids_of: None,
+        encoded: None,
     };
     let (x, y, z) = tokio::join!(
         TestPeer::join_with(addr, "x", "R", 1, held()),
@@ -590,6 +591,7 @@ async fn rtcp_feedback_flows_both_ways() {
         accept_video: None,
         media_runtime: None,
         track_ids_of: None,
+        encoded: None,
     };
     let a = TestPeer::join_with(addr, "alice", "R", 1, lossy).await;
     let b = TestPeer::join(addr, "bob", "R", 2, false).await;
@@ -679,6 +681,7 @@ async fn a_subscriber_gets_a_track_only_in_a_codec_its_answer_accepts() {
         accept_video: Some(vec!["video/H264"]),
         media_runtime: None,
         track_ids_of: None,
+        encoded: None,
     };
     let b = TestPeer::join_with(addr, "bob", "R", 2, h264_only).await;
     let c = TestPeer::join(addr, "carol", "R", 3, false).await;

@@ -84,6 +84,7 @@ impl Stats {
 pub struct Shared {
     directory: Mutex<Directory>,
     pub stats: Stats,
+    pub recordings: Arc<crate::record::Recordings>,
 }
 
 impl Shared {
@@ -116,6 +117,7 @@ impl Sfu {
         config: &MediaConfig,
         events: mpsc::UnboundedSender<SfuEvent>,
         is_current: SessionCheck,
+        recordings: Arc<crate::record::Recordings>,
     ) -> anyhow::Result<Arc<Sfu>> {
         let loops = config.loops();
         let sockets = io::port::bind(SocketAddr::new(config.ip, config.udp_port), loops)?;
@@ -132,6 +134,7 @@ impl Sfu {
         let shared = Arc::new(Shared {
             directory: Mutex::new(Directory::new(loops)),
             stats: Stats::default(),
+            recordings,
         });
         let (mailboxes, threads) = event_loop::start(
             sockets,
@@ -395,5 +398,8 @@ impl Sfu {
         for t in threads {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        // Every recording ended with its track; its file is complete once its writer is done.
+        let recordings = self.shared.recordings.clone();
+        let _ = tokio::task::spawn_blocking(move || recordings.wait()).await;
     }
 }

@@ -2,6 +2,7 @@
 //! socket.io clients, and a real redis-server on a free port.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod media;
 pub mod peer;
 
 use std::net::SocketAddr;

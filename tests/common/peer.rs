@@ -119,6 +119,8 @@ pub struct Options {
     pub media_runtime: Option<tokio::runtime::Handle>,
     /// Name the published tracks after this user instead (`<name>-audio`, `<name>-video`).
     pub track_ids_of: Option<String>,
+    /// Send this real media (once through, then silence) instead of synthetic payloads.
+    pub encoded: Option<Arc<super::media::EncodedMedia>>,
 }
 
 /// How much video a publisher sends: `video_burst` packets per frame at 30 frames/s, each with
@@ -228,6 +230,7 @@ impl TestPeer {
             accept_video: None,
             media_runtime: None,
             track_ids_of: None,
+            encoded: None,
         };
         Self::join_with(addr, user, room, user_index, options).await
     }
@@ -247,6 +250,7 @@ impl TestPeer {
             accept_video,
             media_runtime,
             track_ids_of,
+            encoded,
         } = options;
         let client = Client::connect(addr, &query(user, Some(room)))
             .await
@@ -333,7 +337,10 @@ impl TestPeer {
                 if let Some(release) = hold_media {
                     release.notified().await;
                 }
-                send_media(a, v, user_index, r, shape).await
+                match encoded {
+                    Some(media) => send_encoded(a, v, user_index, r, shape, media).await,
+                    None => send_media(a, v, user_index, r, shape).await,
+                }
             });
             // The feedback that reaches this publisher (all RTCP is delivered to test clients).
             for local in [video, audio_for_feedback] {
@@ -484,6 +491,68 @@ impl TestPeer {
             let _ = pc.close().await;
         }
         let _ = self.out.send((CLOSE.into(), Value::Null));
+    }
+}
+
+/// Real media at its real rate: an Opus packet every 20 ms and a VP8 frame every 33 ms, until
+/// the media runs out. `shape.skip_every` leaves out every Nth video packet (never resent).
+async fn send_encoded(
+    audio: Arc<TrackLocalStaticRTP>,
+    video: Arc<TrackLocalStaticRTP>,
+    user_index: u8,
+    running: Arc<AtomicBool>,
+    shape: MediaShape,
+    media: Arc<super::media::EncodedMedia>,
+) {
+    let (mut audio_next, mut video_next, mut video_seq) = (0usize, 0usize, 0u32);
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    while running.load(Ordering::SeqCst)
+        && (audio_next < media.audio.len() || video_next < media.video.len())
+    {
+        tick.tick().await;
+        let elapsed = start.elapsed().as_millis() as usize;
+        while audio_next < media.audio.len() && audio_next * 20 <= elapsed {
+            let p = rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    payload_type: 111,
+                    sequence_number: audio_next as u16,
+                    timestamp: audio_next as u32 * 960,
+                    ssrc: AUDIO_SSRC + user_index as u32,
+                    ..Default::default()
+                },
+                payload: media.audio[audio_next].clone(),
+            };
+            let _ = audio.write_rtp(p).await;
+            audio_next += 1;
+        }
+        while video_next < media.video.len() && video_next * 100 / 3 <= elapsed {
+            let packets = &media.video[video_next];
+            for (k, payload) in packets.iter().enumerate() {
+                video_seq = video_seq.wrapping_add(1);
+                if shape
+                    .skip_every
+                    .is_some_and(|n| video_seq.is_multiple_of(n))
+                {
+                    continue; // "lost"
+                }
+                let p = rtp::Packet {
+                    header: rtp::header::Header {
+                        version: 2,
+                        marker: k + 1 == packets.len(),
+                        payload_type: 96,
+                        sequence_number: video_seq as u16,
+                        timestamp: video_next as u32 * 3000,
+                        ssrc: VIDEO_SSRC + user_index as u32,
+                        ..Default::default()
+                    },
+                    payload: payload.clone(),
+                };
+                let _ = video.write_rtp(p).await;
+            }
+            video_next += 1;
+        }
     }
 }
 

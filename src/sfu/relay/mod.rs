@@ -44,11 +44,13 @@ use super::io::stun;
 use super::peer::{ConnKey, Connection, PeerSettings};
 use negotiation::Negotiation;
 
-/// Where a down-track's packets go: a subscriber connection and its egress slot.
+/// Where a down-track's packets go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DownSink {
-    pub conn: ConnKey,
-    pub slot: usize,
+pub enum DownSink {
+    /// A subscriber connection and its egress slot.
+    Subscriber { conn: ConnKey, slot: usize },
+    /// The track's recording ([`PublishedTrack::recording`]).
+    Recording,
 }
 
 /// A user in a room with a media session on this loop.
@@ -106,6 +108,8 @@ pub struct PublishedTrack {
     /// Source SSRC of each layer -> its receiver (keyframe requests go there).
     pub receivers: Vec<(u32, RTCRtpReceiverId)>,
     pub forwarder: TrackForwarder<DownSink>,
+    /// The track's recording, fed by a down-track of its own.
+    pub recording: Option<crate::record::Recorder>,
 }
 
 /// A data channel a member opened, and its copies on the other members' connections.

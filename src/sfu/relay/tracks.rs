@@ -2,7 +2,7 @@
 //! per-packet fan-out through the forwarding core into the subscribers' egress, keyframe
 //! requests and NACKs from subscribers, and unpublishing.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use rtc::media_stream::MediaStreamTrack;
@@ -17,10 +17,16 @@ use rtc::rtp_transceiver::rtp_sender::{
 use tracing::{debug, info, warn};
 
 use super::{DownEntry, DownSink, MediaState, PublishedTrack};
+use crate::record::TrackMeta;
 use crate::sfu::api::{MediaKind, PcKind, SfuError, SfuEvent, TrackInfo};
 use crate::sfu::egress::Route;
-use crate::sfu::forward::{Codec, DownTrackConfig, ExtMap, RtpHeader, RtpPacket, TrackForwarder};
+use crate::sfu::forward::{
+    Codec, DownTrackConfig, DownTrackId, ExtMap, Quality, RtpHeader, RtpPacket, TrackForwarder,
+};
 use crate::sfu::peer::{ConnKey, FORWARDED_EXTENSIONS, sdp};
+
+/// The recording's down-track on each track (subscribers' ids start at 1).
+const RECORDING_DOWN_ID: DownTrackId = 0;
 
 impl PublishedTrack {
     pub fn info(&self) -> TrackInfo {
@@ -159,7 +165,9 @@ impl MediaState {
             publisher: key,
             receivers: vec![(ssrc, init.receiver_id)],
             forwarder,
+            recording: None,
         });
+        self.start_recording(t);
         self.conns[key].forward_source(ssrc, init.receiver_id, t);
         let r = self.rooms.entry(room.clone()).or_default();
         r.tracks.push(t);
@@ -172,6 +180,41 @@ impl MediaState {
         for other in others {
             self.add_down(&other, t, now);
         }
+    }
+
+    /// Starts the track's recording if its room is recorded (or a registered sink wants it):
+    /// a down-track of its own on the highest layer, fed and keyframe-gated like a subscriber
+    /// that just joined.
+    fn start_recording(&mut self, t: usize) {
+        let track = &mut self.tracks[t];
+        let Some(codec) = Codec::from_mime(&track.codec.mime_type) else {
+            return;
+        };
+        let meta = TrackMeta {
+            room: track.room.clone(),
+            user: track.owner.clone(),
+            track_id: track.track_id.clone(),
+            codec,
+            clock_rate: track.codec.clock_rate,
+            channels: track.codec.channels,
+            started: SystemTime::now(),
+        };
+        let Some(recorder) = self.shared.recordings.start(meta) else {
+            return;
+        };
+        track.recording = Some(recorder);
+        track.forwarder.add_down_track(
+            DownTrackConfig {
+                id: RECORDING_DOWN_ID,
+                ssrc: random_ssrc(),
+                // Not sent anywhere: any value lets the forwarder feed it.
+                payload_type: Some(0),
+                ext_map: ExtMap::default(),
+                quality: Quality::High,
+            },
+            DownSink::Recording,
+        );
+        info!(user = %track.owner, track = %track.track_id, room = %track.room, "recording");
     }
 
     /// Puts a published track on a member's subscriber connection (if it wants it and does not
@@ -229,7 +272,7 @@ impl MediaState {
                 ext_map: ExtMap::default(),
                 quality,
             },
-            DownSink {
+            DownSink::Subscriber {
                 conn: m.subscriber,
                 slot,
             },
@@ -343,7 +386,10 @@ impl MediaState {
         if let Some(conn) = self.conns.get_mut(publisher) {
             conn.stop_forwarding(t);
         }
-        let track = self.tracks.remove(t);
+        let mut track = self.tracks.remove(t);
+        if let Some(recorder) = track.recording.take() {
+            self.shared.recordings.finished(recorder);
+        }
         info!(user = %track.owner, track = %track.track_id, "track unpublished");
         self.emit(SfuEvent::TrackUnpublished {
             room_id: room,
@@ -375,25 +421,42 @@ impl MediaState {
         let Some(track) = tracks.get_mut(t) else {
             return;
         };
-        let keyframe_for =
-            track
-                .forwarder
-                .forward(&packet, now, |sink, header, payload: &Bytes| {
-                    let Some(sub) = conns.get_mut(sink.conn) else {
-                        return;
-                    };
-                    // No selected pair or no SRTP context yet: the connection is not up, nothing to send.
-                    let (Some(to), Some(srtp)) = (sub.route, sub.srtp.as_mut()) else {
-                        return;
-                    };
-                    let route = Route {
-                        to,
-                        key: sink.conn as u32,
-                    };
-                    sub.egress
-                        .send(sink.slot, header, payload, now, srtp, route, batch);
-                });
-        track.forwarder.keep(packet);
+        let PublishedTrack {
+            forwarder,
+            recording,
+            ..
+        } = track;
+        let mut keyframe_for = forwarder.forward(&packet, now, |sink, header, payload: &Bytes| {
+            let (conn, slot) = match *sink {
+                DownSink::Subscriber { conn, slot } => (conn, slot),
+                DownSink::Recording => {
+                    if let Some(r) = recording.as_mut() {
+                        r.push(header, payload);
+                    }
+                    return;
+                }
+            };
+            let Some(sub) = conns.get_mut(conn) else {
+                return;
+            };
+            // No selected pair or no SRTP context yet: the connection is not up, nothing to send.
+            let (Some(to), Some(srtp)) = (sub.route, sub.srtp.as_mut()) else {
+                return;
+            };
+            let route = Route {
+                to,
+                key: conn as u32,
+            };
+            sub.egress
+                .send(slot, header, payload, now, srtp, route, batch);
+        });
+        forwarder.keep(packet);
+        // The recording lost video (a gap, or its queue overflowed): it needs a keyframe.
+        if let Some(r) = recording.as_ref()
+            && r.take_keyframe_request()
+        {
+            keyframe_for = keyframe_for.or(forwarder.on_keyframe_request(RECORDING_DOWN_ID, now));
+        }
         if let Some(ssrc) = keyframe_for {
             self.request_keyframe(t, ssrc, now);
         }

@@ -1,0 +1,81 @@
+//! Server-side recording. A recorded track is a down-track without a network: the forwarding
+//! core feeds it like any subscriber (keyframe gating, keyframe requests when it starts, the
+//! highest simulcast layer), and it hands the rewritten packets to a writer thread through a
+//! bounded queue, so a slow disk drops packets (counted) instead of slowing forwarding. The
+//! writer reorders them within a small window, depacketizes them into frames
+//! (`frames`), and gives every frame to its sinks (`sink::MediaSink`): the built-in file
+//! writers (`files`), or an integrator's own.
+
+pub mod files;
+pub mod frames;
+pub mod recorder;
+pub mod sink;
+
+pub use recorder::{Recorder, Summary};
+pub use sink::{Frame, MediaSink, SinkFactory, TrackMeta};
+
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use tracing::warn;
+
+use crate::config::RecordingConfig;
+
+/// What gets recorded, and the writers of recordings that ended but may still be writing.
+pub struct Recordings {
+    config: RecordingConfig,
+    factories: Vec<SinkFactory>,
+    writers: Mutex<Vec<JoinHandle<Summary>>>,
+}
+
+impl Recordings {
+    pub fn new(config: RecordingConfig, factories: Vec<SinkFactory>) -> Self {
+        Recordings {
+            config,
+            factories,
+            writers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts recording a newly published track, if its room is recorded or a registered
+    /// sink wants it; `None` otherwise (or if nothing could be opened).
+    pub fn start(&self, meta: TrackMeta) -> Option<Recorder> {
+        let mut sinks: Vec<Box<dyn MediaSink>> = Vec::new();
+        if self.config.records(&meta.room) {
+            match files::track_file(&self.config.dir, &meta) {
+                Ok(sink) => sinks.push(sink),
+                Err(e) => warn!(
+                    room = %meta.room, user = %meta.user, track = %meta.track_id,
+                    dir = %self.config.dir.display(), "cannot record: {e}"
+                ),
+            }
+        }
+        sinks.extend(self.factories.iter().filter_map(|make| make(&meta)));
+        if sinks.is_empty() {
+            return None;
+        }
+        match Recorder::start(meta, sinks, self.config.queue_packets) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!("cannot start a recording writer: {e}");
+                None
+            }
+        }
+    }
+
+    /// A recording ended: its writer finishes in the background (joined at shutdown).
+    pub fn finished(&self, recorder: Recorder) {
+        let Some(writer) = recorder.finish() else {
+            return;
+        };
+        let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        writers.retain(|w| !w.is_finished());
+        writers.push(writer);
+    }
+
+    /// Waits for every writer to finish its file (graceful shutdown).
+    pub fn wait(&self) -> Vec<Summary> {
+        let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|e| e.into_inner()));
+        writers.into_iter().filter_map(|w| w.join().ok()).collect()
+    }
+}

@@ -1,0 +1,360 @@
+//! Recording: webrtc-rs publishers send real Opus and VP8 (encoded by ffmpeg) through a server
+//! that records their room; every file must be complete and play, as `ffprobe` and `ffmpeg`
+//! (independent tools) read it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::peer::{MediaShape, Options, TestPeer};
+use common::{eventually, media, test_config};
+use switchboard::Server;
+use switchboard::record::{Frame, MediaSink, SinkFactory, TrackMeta};
+
+const SECONDS: u32 = 4;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("switchboard-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Every file under `dir` (recursively).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// ffprobe's view of a file: (codec of each stream, duration in seconds).
+fn probe(file: &Path) -> (Vec<String>, f64) {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name:format=duration",
+        ])
+        .args(["-of", "json"])
+        .arg(file)
+        .output()
+        .expect("ffprobe runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let codecs = v["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["codec_name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let duration = v["format"]["duration"]
+        .as_str()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0.0);
+    (codecs, duration)
+}
+
+/// Each video packet's timestamp (timebase units) and whether it is a keyframe.
+fn video_packets(file: &Path) -> Vec<(i64, bool)> {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v",
+            "-show_entries",
+            "packet=pts,flags",
+        ])
+        .args(["-of", "csv=p=0"])
+        .arg(file)
+        .output()
+        .expect("ffprobe runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (pts, flags) = l.split_once(',')?;
+            Some((pts.parse().ok()?, flags.starts_with('K')))
+        })
+        .collect()
+}
+
+/// Decodes the whole file; returns ffmpeg's error output (empty: not a single error).
+fn decode_errors(file: &Path) -> String {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(file)
+        .args(["-f", "null", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    let mut errors = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        errors.push_str(&format!(" (exit {})", out.status));
+    }
+    errors
+}
+
+/// Joins `user` to `room`, sending `media` once the publisher connection is up (so the
+/// recording sees it from its first frame).
+async fn publish(
+    server: &Server,
+    user: &str,
+    room: &str,
+    index: u8,
+    media: &Arc<media::EncodedMedia>,
+    shape: MediaShape,
+) -> TestPeer {
+    let go = Arc::new(tokio::sync::Notify::new());
+    let peer = TestPeer::join_with(
+        server.local_addr(),
+        user,
+        room,
+        index,
+        Options {
+            publish: true,
+            hold_media: Some(go.clone()),
+            encoded: Some(media.clone()),
+            shape,
+            ..Default::default()
+        },
+    )
+    .await;
+    let up = eventually(Duration::from_secs(10), || {
+        let states = peer.observed.states.lock().unwrap();
+        states.iter().any(|s| s == "publisher Connected")
+    })
+    .await;
+    assert!(up, "{}", peer.summary());
+    go.notify_one();
+    peer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_tracks_are_files_that_play() {
+    let dir = temp_dir("recording");
+    let media = Arc::new(media::encode(&dir.join("source"), SECONDS));
+    let mut config = test_config();
+    config.recording.dir = dir.join("rec");
+    config.recording.rooms = vec!["rec-*".into()];
+    let server = Server::start(config).await.expect("server starts");
+
+    let alice = publish(&server, "alice", "rec-1", 1, &media, MediaShape::default()).await;
+    // A room that is not recorded.
+    let bob = publish(&server, "bob", "other", 2, &media, MediaShape::default()).await;
+    // Still publishing when the server stops: its files must be complete all the same.
+    let dave = publish(&server, "dave", "rec-2", 4, &media, MediaShape::default()).await;
+    // The media runs out after SECONDS; then both leave, which ends the recordings.
+    tokio::time::sleep(Duration::from_secs(SECONDS as u64) + Duration::from_millis(700)).await;
+    alice.close().await;
+    bob.close().await;
+
+    let rec = dir.join("rec");
+    let complete = eventually(Duration::from_secs(10), || {
+        let files = files_under(&rec.join("rec-1"));
+        files.len() == 2 && files.iter().all(|f| f.extension().unwrap() != "part")
+    })
+    .await;
+    let files = files_under(&rec.join("rec-1"));
+    assert!(complete, "{files:?}");
+    assert!(
+        !rec.join("other").exists(),
+        "a room not recorded was: {files:?}"
+    );
+    for file in &files {
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert_eq!(file.parent().unwrap(), rec.join("rec-1"));
+        let (codecs, duration) = probe(file);
+        let expected = if name.starts_with("alice-alice-audio-") {
+            assert!(name.ends_with(".ogg"), "{name}");
+            "opus"
+        } else {
+            assert!(name.starts_with("alice-alice-video-"), "{name}");
+            assert!(name.ends_with(".ivf"), "{name}");
+            "vp8"
+        };
+        assert_eq!(codecs, vec![expected.to_owned()], "{name}");
+        let sent = SECONDS as f64;
+        assert!(
+            (duration - sent).abs() <= sent * 0.1,
+            "{name}: {duration} s recorded of {sent} s sent"
+        );
+        assert_eq!(decode_errors(file), "", "{name} does not decode cleanly");
+    }
+
+    // A graceful stop ends dave's recordings; when it returns, both files are complete.
+    assert_eq!(files_under(&rec.join("rec-2")).len(), 2, "being written");
+    server.shutdown().await;
+    let files = files_under(&rec.join("rec-2"));
+    assert_eq!(files.len(), 2, "{files:?}");
+    for file in &files {
+        assert_ne!(file.extension().unwrap(), "part", "{file:?}");
+        let (codecs, duration) = probe(file);
+        assert_eq!(codecs.len(), 1, "{file:?}");
+        assert!(duration > 1.0, "{file:?}: {duration} s");
+        assert_eq!(decode_errors(file), "", "{file:?} does not decode cleanly");
+    }
+    drop(dave);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Video packets lost on the way (never resent): the recording leaves out what it cannot
+/// decode, up to the next keyframe, so the file still decodes without a single error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_with_lost_packets_still_decodes_cleanly() {
+    let dir = temp_dir("recording-loss");
+    let media = Arc::new(media::encode(&dir.join("source"), SECONDS));
+    let mut config = test_config();
+    config.recording.dir = dir.join("rec");
+    config.recording.rooms = vec!["*".into()];
+    let server = Server::start(config).await.expect("server starts");
+    let lossy = MediaShape {
+        skip_every: Some(37),
+        ..Default::default()
+    };
+    let carol = publish(&server, "carol", "lossy", 3, &media, lossy).await;
+    tokio::time::sleep(Duration::from_secs(SECONDS as u64) + Duration::from_millis(700)).await;
+    carol.close().await;
+    let rec = dir.join("rec").join("lossy");
+    let complete = eventually(Duration::from_secs(10), || {
+        let files = files_under(&rec);
+        files.len() == 2 && files.iter().all(|f| f.extension().unwrap() != "part")
+    })
+    .await;
+    let files = files_under(&rec);
+    assert!(complete, "{files:?}");
+    let video = files
+        .iter()
+        .find(|f| f.extension().unwrap() == "ivf")
+        .unwrap();
+    let (codecs, duration) = probe(video);
+    assert_eq!(codecs, vec!["vp8".to_owned()]);
+    assert!(duration > 1.0, "{duration} s of video kept");
+    // What was kept: runs of consecutive frames, each starting on a keyframe (a frame after a
+    // gap without one would decode against a picture the file does not have).
+    let packets = video_packets(video);
+    assert!(packets.len() >= 30, "{packets:?}");
+    assert!(
+        packets.len() < 120,
+        "no frame was left out: {}",
+        packets.len()
+    );
+    assert!(packets[0].1, "starts on a keyframe");
+    for pair in packets.windows(2) {
+        let ((pts, _), (next, key)) = (pair[0], pair[1]);
+        assert!(
+            next - pts == 3000 || key,
+            "a gap {pts} -> {next} resumes on a delta frame"
+        );
+    }
+    assert_eq!(
+        decode_errors(video),
+        "",
+        "the lossy recording does not decode cleanly"
+    );
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A sink registered through the library: sees every frame of every track, in order, and a
+/// graceful stop waits for it to finish (here, slowly).
+#[derive(Clone, Default)]
+struct Seen(
+    Arc<std::sync::Mutex<Vec<(String, u64, bool)>>>,
+    Arc<AtomicBool>,
+);
+
+struct CountingSink {
+    track: String,
+    seen: Seen,
+}
+
+impl MediaSink for CountingSink {
+    fn frame(&mut self, frame: &Frame<'_>) -> std::io::Result<()> {
+        let entry = (self.track.clone(), frame.timestamp, frame.keyframe);
+        self.seen.0.lock().unwrap().push(entry);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> std::io::Result<Option<PathBuf>> {
+        std::thread::sleep(Duration::from_millis(500));
+        self.seen.1.store(true, Ordering::SeqCst);
+        Ok(None)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_media_sink_sees_every_frame() {
+    let dir = temp_dir("recording-sink");
+    let media = Arc::new(media::encode(&dir.join("source"), SECONDS));
+    let seen = Seen::default();
+    let for_factory = seen.clone();
+    let factory: SinkFactory = Arc::new(move |meta: &TrackMeta| {
+        Some(Box::new(CountingSink {
+            track: meta.track_id.clone(),
+            seen: for_factory.clone(),
+        }) as Box<dyn MediaSink>)
+    });
+    // No room is recorded to files: only the registered sink gets the media.
+    let mut config = test_config();
+    config.recording.dir = dir.join("rec");
+    let server = Server::start_with(config, vec![factory])
+        .await
+        .expect("server starts");
+    let erin = publish(&server, "erin", "hooks", 5, &media, MediaShape::default()).await;
+    tokio::time::sleep(Duration::from_secs(SECONDS as u64) + Duration::from_millis(700)).await;
+    // Stopped while erin still publishes: shutdown returns once the sink has finished.
+    server.shutdown().await;
+    assert!(
+        seen.1.load(Ordering::SeqCst),
+        "shutdown did not wait for the sink"
+    );
+    assert!(
+        !dir.join("rec").exists(),
+        "files written though no room is recorded"
+    );
+    let frames = seen.0.lock().unwrap().clone();
+    for (track, expected, step) in [
+        ("erin-audio", media.audio.len(), 960),
+        ("erin-video", media.video.len(), 3000),
+    ] {
+        let stamps: Vec<u64> = frames
+            .iter()
+            .filter(|f| f.0 == track)
+            .map(|f| f.1)
+            .collect();
+        // Every frame sent, bar the last (a frame is complete when the next one starts).
+        assert!(
+            stamps.len() + 1 >= expected,
+            "{track}: {} of {expected}",
+            stamps.len()
+        );
+        assert!(
+            stamps.windows(2).all(|w| w[1] - w[0] == step),
+            "{track}: {stamps:?}"
+        );
+        assert_eq!(stamps.first(), Some(&0));
+    }
+    let first_video = frames.iter().find(|f| f.0 == "erin-video").unwrap();
+    assert!(first_video.2, "video starts on a keyframe");
+    drop(erin);
+    let _ = std::fs::remove_dir_all(&dir);
+}
