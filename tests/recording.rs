@@ -162,10 +162,43 @@ async fn recorded_tracks_are_files_that_play() {
     let bob = publish(&server, "bob", "other", 2, &media, MediaShape::default()).await;
     // Still publishing when the server stops: its files must be complete all the same.
     let dave = publish(&server, "dave", "rec-2", 4, &media, MediaShape::default()).await;
+    // A member joining the recorded room later is told it is recorded.
+    let zed = TestPeer::join(server.local_addr(), "zed", "rec-1", 9, false).await;
+    let told = |peer: &TestPeer, kind: &str| -> Vec<String> {
+        let envelopes = peer.envelopes_of(kind);
+        let rooms = envelopes.iter().map(|e| {
+            assert_eq!(
+                (e["status"].as_u64(), e["data"]["fromUid"].as_str()),
+                (Some(200), Some("sfu"))
+            );
+            e["data"]["roomId"].as_str().unwrap_or_default().to_owned()
+        });
+        rooms.collect()
+    };
+    let started = eventually(Duration::from_secs(5), || {
+        told(&alice, "recordingStarted") == ["rec-1"] && told(&zed, "recordingStarted") == ["rec-1"]
+    })
+    .await;
+    assert!(
+        started,
+        "{:?} {:?}",
+        told(&alice, "recordingStarted"),
+        told(&zed, "recordingStarted")
+    );
     // The media runs out after SECONDS; then both leave, which ends the recordings.
     tokio::time::sleep(Duration::from_secs(SECONDS as u64) + Duration::from_millis(700)).await;
+    assert!(told(&zed, "recordingStopped").is_empty());
+    assert!(
+        told(&bob, "recordingStarted").is_empty(),
+        "room 'other' is not recorded"
+    );
     alice.close().await;
     bob.close().await;
+    let stopped = eventually(Duration::from_secs(5), || {
+        told(&zed, "recordingStopped") == ["rec-1"]
+    })
+    .await;
+    assert!(stopped, "{:?}", told(&zed, "recordingStopped"));
 
     let rec = dir.join("rec");
     let complete = eventually(Duration::from_secs(10), || {

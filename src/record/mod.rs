@@ -41,9 +41,13 @@ impl Recordings {
     /// sink wants it; `None` otherwise (or if nothing could be opened).
     pub fn start(&self, meta: TrackMeta) -> Option<Recorder> {
         let mut sinks: Vec<Box<dyn MediaSink>> = Vec::new();
+        let mut to_file = false;
         if self.config.records(&meta.room) {
             match files::track_file(&self.config.dir, &meta) {
-                Ok(sink) => sinks.push(sink),
+                Ok(sink) => {
+                    sinks.push(sink);
+                    to_file = true;
+                }
                 Err(e) => warn!(
                     room = %meta.room, user = %meta.user, track = %meta.track_id,
                     dir = %self.config.dir.display(), "cannot record: {e}"
@@ -54,7 +58,7 @@ impl Recordings {
         if sinks.is_empty() {
             return None;
         }
-        match Recorder::start(meta, sinks, self.config.queue_packets) {
+        match Recorder::start(meta, sinks, self.config.queue_packets, to_file) {
             Ok(r) => Some(r),
             Err(e) => {
                 warn!("cannot start a recording writer: {e}");

@@ -41,6 +41,8 @@ pub struct Summary {
 /// The media loop's side of a recorded track. Dropping it ends the recording: the writer
 /// drains the queue, finishes every sink and exits.
 pub struct Recorder {
+    /// Whether it writes files (members are told), not only an integrator's sinks.
+    pub to_file: bool,
     queue: SyncSender<Queued>,
     dropped: Arc<AtomicU64>,
     /// Set by the writer when video needs a keyframe after a gap; the loop asks for one.
@@ -54,6 +56,7 @@ impl Recorder {
         meta: TrackMeta,
         sinks: Vec<Box<dyn MediaSink>>,
         queue_packets: usize,
+        to_file: bool,
     ) -> std::io::Result<Recorder> {
         let (queue, rx) = sync_channel(queue_packets.max(1));
         let wants_keyframe = Arc::new(AtomicBool::new(false));
@@ -63,6 +66,7 @@ impl Recorder {
             .name("recorder".into())
             .spawn(move || write(meta, sinks, rx, &flag, &counted))?;
         Ok(Recorder {
+            to_file,
             queue,
             dropped,
             wants_keyframe,

@@ -91,6 +91,17 @@ pub enum SfuEvent {
         room_id: String,
         track: TrackInfo,
     },
+    /// A room's recording to files started (its first recorded track) or stopped (its last).
+    Recording {
+        room_id: String,
+        started: bool,
+    },
+    /// A member joined a room that is being recorded.
+    RecordingOngoing {
+        user_id: String,
+        session: String,
+        room_id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -286,5 +286,24 @@ pub fn delivery(event: SfuEvent) -> Delivery {
             room_id,
             Envelope::ok("trackMuted", "track muted", json!(track)),
         ),
+        SfuEvent::Recording { room_id, started } => {
+            let envelope = recording_envelope(&room_id, started);
+            Delivery::Room(room_id, envelope)
+        }
+        SfuEvent::RecordingOngoing {
+            user_id,
+            session,
+            room_id,
+        } => Delivery::Session(user_id, session, recording_envelope(&room_id, true)),
     }
+}
+
+/// PROTOCOL.md Part 3: `recordingStarted` / `recordingStopped` for a room's members.
+fn recording_envelope(room_id: &str, started: bool) -> Envelope<Value> {
+    let (kind, text) = if started {
+        ("recordingStarted", "recording started")
+    } else {
+        ("recordingStopped", "recording stopped")
+    };
+    Envelope::ok(kind, text, json!({"roomId": room_id, "fromUid": "sfu"}))
 }

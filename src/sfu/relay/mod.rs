@@ -135,6 +135,8 @@ pub struct ChannelCopy {
 pub struct Room {
     /// Members in join order.
     pub members: Vec<String>,
+    /// Tracks being recorded to files (members are told when this leaves or returns to 0).
+    pub recorded_tracks: usize,
     pub tracks: Vec<usize>,
     pub channels: Vec<usize>,
 }

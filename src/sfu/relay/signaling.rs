@@ -213,6 +213,13 @@ impl MediaState {
         let r = self.rooms.entry(room.to_owned()).or_default();
         r.members.push(user.to_owned());
         let (tracks, channels) = (r.tracks.clone(), r.channels.clone());
+        if r.recorded_tracks > 0 {
+            self.emit(SfuEvent::RecordingOngoing {
+                user_id: user.to_owned(),
+                session: session.to_owned(),
+                room_id: room.to_owned(),
+            });
+        }
         info!(%user, %room, "media session started");
         for t in tracks {
             self.add_down(user, t, now);

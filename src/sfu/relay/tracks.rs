@@ -202,6 +202,11 @@ impl MediaState {
         let Some(recorder) = self.shared.recordings.start(meta) else {
             return;
         };
+        if recorder.to_file {
+            let room = track.room.clone();
+            self.recording_changed(&room, 1);
+        }
+        let track = &mut self.tracks[t];
         track.recording = Some(recorder);
         track.forwarder.add_down_track(
             DownTrackConfig {
@@ -215,6 +220,22 @@ impl MediaState {
             DownSink::Recording,
         );
         info!(user = %track.owner, track = %track.track_id, room = %track.room, "recording");
+    }
+
+    /// Counts a room's tracks recorded to files; its members hear when recording starts (the
+    /// first) and stops (the last).
+    fn recording_changed(&mut self, room: &str, change: isize) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let before = r.recorded_tracks;
+        r.recorded_tracks = before.saturating_add_signed(change);
+        if (before == 0) != (r.recorded_tracks == 0) {
+            self.emit(SfuEvent::Recording {
+                room_id: room.to_owned(),
+                started: before == 0,
+            });
+        }
     }
 
     /// Puts a published track on a member's subscriber connection (if it wants it and does not
@@ -388,6 +409,9 @@ impl MediaState {
         }
         let mut track = self.tracks.remove(t);
         if let Some(recorder) = track.recording.take() {
+            if recorder.to_file {
+                self.recording_changed(&room, -1);
+            }
             self.shared.recordings.finished(recorder);
         }
         info!(user = %track.owner, track = %track.track_id, "track unpublished");
