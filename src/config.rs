@@ -19,6 +19,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub media: MediaConfig,
     pub recording: RecordingConfig,
+    pub webhook: WebhookConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -96,6 +97,15 @@ impl MediaConfig {
             n => n,
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WebhookConfig {
+    pub urls: Vec<String>,
+    pub secret: String,
+    pub queue: usize,
+    pub attempts: u32,
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -256,6 +266,7 @@ mod tests {
         assert_eq!(c.media.data_channel_buffer_bytes, 16 << 20);
         assert!(c.recording.rooms.is_empty(), "nothing recorded by default");
         assert_eq!(c.recording.mode, RecordingMode::Tracks);
+        assert!(c.webhook.urls.is_empty(), "no webhooks by default");
     }
 
     #[test]

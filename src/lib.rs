@@ -10,6 +10,7 @@ pub mod record;
 pub mod room;
 pub mod sfu;
 pub mod signal;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,6 +101,7 @@ impl Server {
             }
         };
 
+        let webhooks = webhook::Webhooks::start(&config.webhook, &node_id)?;
         let (sfu_tx, sfu_rx) = mpsc::unbounded_channel();
         let rooms = Arc::new(Rooms::new(registry));
         let sessions = rooms.clone();
@@ -114,10 +116,12 @@ impl Server {
                 Arc::new(record::Recordings::new(
                     config.recording.clone(),
                     media_sinks,
+                    webhooks.clone(),
                 )),
             )?,
             node_id: node_id.clone(),
             max_message_bytes: config.signal.max_message_bytes,
+            webhooks,
         });
         let (sio_layer, io) = SocketIo::builder()
             .max_payload(config.signal.max_transport_bytes)
@@ -177,6 +181,8 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.signal.sfu.shutdown().await;
+        // What the stop itself caused (participants left, recordings finished) still goes out.
+        self.signal.webhooks.flush(Duration::from_secs(5)).await;
         self.io.close().await;
         rooms.shutdown().await;
         // Give the bus a moment to publish the last leave envelopes.

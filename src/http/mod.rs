@@ -36,6 +36,18 @@ pub fn router(signal: Arc<Signal>, ice_servers: Vec<IceServer>) -> Router {
         })
 }
 
+/// Webhook delivery counters (absent when none are configured).
+fn webhook_stats(w: &crate::webhook::WebhookStats) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    json!({
+        "queued": w.queued.load(Relaxed),
+        "delivered": w.delivered.load(Relaxed),
+        "retried": w.retried.load(Relaxed),
+        "failed": w.failed.load(Relaxed),
+        "dropped": w.dropped.load(Relaxed),
+    })
+}
+
 /// The media plane's counters.
 fn media_stats(sfu: &crate::sfu::Sfu) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
@@ -75,6 +87,7 @@ async fn healthz(State(http): State<Http>) -> Json<Value> {
         "mediaSessions": signal.sfu.member_count(),
         "dataMessagesDropped": signal.sfu.data_messages_dropped(),
         "media": media_stats(&signal.sfu),
+        "webhooks": signal.webhooks.stats().map(webhook_stats),
         "pid": std::process::id(),
         "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
     }))

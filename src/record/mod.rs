@@ -20,19 +20,22 @@ use std::thread::JoinHandle;
 use tracing::warn;
 
 use crate::config::RecordingConfig;
+use crate::webhook::{Event, Webhooks};
 
 /// What gets recorded, and the writers of recordings that ended but may still be writing.
 pub struct Recordings {
     config: RecordingConfig,
     factories: Vec<SinkFactory>,
+    webhooks: Webhooks,
     writers: Mutex<Vec<JoinHandle<Summary>>>,
 }
 
 impl Recordings {
-    pub fn new(config: RecordingConfig, factories: Vec<SinkFactory>) -> Self {
+    pub fn new(config: RecordingConfig, factories: Vec<SinkFactory>, webhooks: Webhooks) -> Self {
         Recordings {
             config,
             factories,
+            webhooks,
             writers: Mutex::new(Vec::new()),
         }
     }
@@ -43,28 +46,76 @@ impl Recordings {
         let mut sinks: Vec<Box<dyn MediaSink>> = Vec::new();
         let mut to_file = false;
         if self.config.records(&meta.room) {
+            let path = files::track_path(&self.config.dir, &meta);
             match files::track_file(&self.config.dir, &meta) {
                 Ok(sink) => {
                     sinks.push(sink);
                     to_file = true;
+                    self.webhooks.emit(Event::RecordingStarted {
+                        room: meta.room.clone(),
+                        user: meta.user.clone(),
+                        track_id: meta.track_id.clone(),
+                        path,
+                    });
                 }
-                Err(e) => warn!(
-                    room = %meta.room, user = %meta.user, track = %meta.track_id,
-                    dir = %self.config.dir.display(), "cannot record: {e}"
-                ),
+                Err(e) => {
+                    warn!(
+                        room = %meta.room, user = %meta.user, track = %meta.track_id,
+                        dir = %self.config.dir.display(), "cannot record: {e}"
+                    );
+                    // The call goes on; whoever watches recordings hears why this one failed.
+                    self.webhooks.emit(Event::RecordingFinished {
+                        room: meta.room.clone(),
+                        user: meta.user.clone(),
+                        track_id: meta.track_id.clone(),
+                        path: None,
+                        duration: Default::default(),
+                        bytes: 0,
+                        frames: 0,
+                        dropped_packets: 0,
+                        error: Some(format!("cannot open {}: {e}", path.display())),
+                    });
+                }
             }
         }
         sinks.extend(self.factories.iter().filter_map(|make| make(&meta)));
         if sinks.is_empty() {
             return None;
         }
-        match Recorder::start(meta, sinks, self.config.queue_packets, to_file) {
+        let webhooks = self.webhooks.clone();
+        let finished = move |meta: &TrackMeta, summary: &Summary| {
+            if to_file {
+                webhooks.emit(Event::RecordingFinished {
+                    room: meta.room.clone(),
+                    user: meta.user.clone(),
+                    track_id: meta.track_id.clone(),
+                    path: summary.files.first().cloned(),
+                    duration: summary.duration,
+                    bytes: summary.bytes,
+                    frames: summary.frames,
+                    dropped_packets: summary.dropped_packets,
+                    error: summary.errors.first().cloned(),
+                });
+            }
+        };
+        match Recorder::start(
+            meta,
+            sinks,
+            self.config.queue_packets,
+            to_file,
+            Box::new(finished),
+        ) {
             Ok(r) => Some(r),
             Err(e) => {
                 warn!("cannot start a recording writer: {e}");
                 None
             }
         }
+    }
+
+    /// The webhooks recordings (and the media plane) report to.
+    pub fn webhooks(&self) -> &Webhooks {
+        &self.webhooks
     }
 
     /// A recording ended: its writer finishes in the background (joined at shutdown).

@@ -38,6 +38,9 @@ pub struct Summary {
     pub duration: Duration,
 }
 
+/// Called on the writer thread with the recording's summary once its sinks are finished.
+pub type OnFinish = Box<dyn FnOnce(&TrackMeta, &Summary) + Send>;
+
 /// The media loop's side of a recorded track. Dropping it ends the recording: the writer
 /// drains the queue, finishes every sink and exits.
 pub struct Recorder {
@@ -57,6 +60,7 @@ impl Recorder {
         sinks: Vec<Box<dyn MediaSink>>,
         queue_packets: usize,
         to_file: bool,
+        finished: OnFinish,
     ) -> std::io::Result<Recorder> {
         let (queue, rx) = sync_channel(queue_packets.max(1));
         let wants_keyframe = Arc::new(AtomicBool::new(false));
@@ -64,7 +68,11 @@ impl Recorder {
         let (flag, counted) = (wants_keyframe.clone(), dropped.clone());
         let writer = std::thread::Builder::new()
             .name("recorder".into())
-            .spawn(move || write(meta, sinks, rx, &flag, &counted))?;
+            .spawn(move || {
+                let summary = write(&meta, sinks, rx, &flag, &counted);
+                finished(&meta, &summary);
+                summary
+            })?;
         Ok(Recorder {
             to_file,
             queue,
@@ -104,7 +112,7 @@ impl Recorder {
 
 /// The writer thread: packets in, frames out to every sink, until the queue closes.
 fn write(
-    meta: TrackMeta,
+    meta: &TrackMeta,
     mut sinks: Vec<Box<dyn MediaSink>>,
     rx: Receiver<Queued>,
     wants_keyframe: &AtomicBool,

@@ -118,6 +118,9 @@ async fn set_up(s: &SocketRef, app: &App, conn: &Conn) {
     }
     info!(user = %conn.user_id, room = ?conn.room_id, sid = %s.id, transport = ?s.transport_type(), "join");
     if let Some(room) = &conn.room_id {
+        app.webhooks.participant_joined(room, &conn.user_id);
+    }
+    if let Some(room) = &conn.room_id {
         outbox
             .to_room(room, &protocol::join_envelope(&conn.user_id, room))
             .await;
@@ -177,6 +180,7 @@ async fn tear_down(s: &SocketRef, app: &App, conn: &Conn, reason: &str) {
     if replaced_by.is_some_and(|new_room| new_room.as_deref() == Some(room)) {
         return;
     }
+    app.webhooks.participant_left(room, &conn.user_id);
     app.outbox
         .to_room(room, &protocol::leave_envelope(&conn.user_id, room))
         .await;

@@ -31,6 +31,7 @@ pub struct Signal {
     pub sfu: Arc<Sfu>,
     pub node_id: String,
     pub max_message_bytes: usize,
+    pub webhooks: crate::webhook::Webhooks,
 }
 
 pub(crate) type App = Arc<Signal>;

@@ -210,6 +210,23 @@ impl MediaState {
     }
 
     fn emit(&self, event: SfuEvent) {
+        // Track webhooks from here, in the loop: ordered before a leave's participant_left.
+        let webhooks = self.shared.recordings.webhooks();
+        match &event {
+            SfuEvent::TrackPublished { room_id, track } => {
+                webhooks.emit(crate::webhook::Event::TrackPublished {
+                    room: room_id.clone(),
+                    track: track.clone(),
+                })
+            }
+            SfuEvent::TrackUnpublished { room_id, track } => {
+                webhooks.emit(crate::webhook::Event::TrackUnpublished {
+                    room: room_id.clone(),
+                    track: track.clone(),
+                })
+            }
+            _ => {}
+        }
         let _ = self.events.send(event);
     }
 
