@@ -20,6 +20,12 @@ pub struct Config {
     pub media: MediaConfig,
     pub recording: RecordingConfig,
     pub webhook: WebhookConfig,
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiConfig {
+    pub key: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -175,6 +181,7 @@ pub struct Overrides {
     pub udp_port: Option<u16>,
     pub media_loops: Option<usize>,
     pub record_dir: Option<std::path::PathBuf>,
+    pub api_key: Option<String>,
 }
 
 impl Config {
@@ -222,6 +229,9 @@ impl Config {
         }
         if let Some(v) = &o.media_loops {
             figment = figment.merge(Serialized::default("media.loops", v));
+        }
+        if let Some(v) = &o.api_key {
+            figment = figment.merge(Serialized::default("api.key", v));
         }
         if let Some(v) = &o.record_dir {
             figment = figment.merge(Serialized::default("recording.dir", v));

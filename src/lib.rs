@@ -132,7 +132,12 @@ impl Server {
         signal.outbox.attach(io.clone());
         signal::install(&io, signal.clone(), bus_rx, reaped_rx, sfu_rx);
 
-        let app = http::router(signal.clone(), config.media.ice_servers.clone()).layer(sio_layer);
+        let app = http::router(
+            signal.clone(),
+            config.media.ice_servers.clone(),
+            &config.api.key,
+        )
+        .layer(sio_layer);
         // Small socket.io frames otherwise wait on Nagle + delayed ACK (tens of ms at p99).
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await

@@ -43,6 +43,9 @@ struct Cli {
     /// Directory recordings are written to [default: recordings].
     #[arg(long)]
     record_dir: Option<std::path::PathBuf>,
+    /// Bearer key of the HTTP API (/api/recordings) [default: none, the API refuses all].
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -76,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         udp_port: cli.udp_port,
         media_loops: cli.media_loops,
         record_dir: cli.record_dir,
+        api_key: cli.api_key,
     };
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     init_logging(config.server.log_format);

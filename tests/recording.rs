@@ -391,3 +391,138 @@ async fn a_registered_media_sink_sees_every_frame() {
     drop(erin);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// POST `body` to the API with `key` (if any); returns the status and the JSON answer.
+async fn api(
+    server: &Server,
+    path: &str,
+    key: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let url = format!("http://{}{path}", server.local_addr());
+    let mut request = reqwest::Client::new().post(url).json(&body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.expect("the API answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recordings_start_and_stop_through_the_api() {
+    let dir = temp_dir("recording-api");
+    // A keyframe every 5 frames: a recording started at any moment has video within 170 ms
+    // (this publisher, unlike a browser, cannot answer the server's keyframe request).
+    let source = dir.join("source");
+    let media = Arc::new(media::encode_with_keyframes_every(&source, SECONDS, 5));
+    // Without a key the API is off, whatever is sent.
+    let closed = Server::start(test_config()).await.expect("server starts");
+    let room = serde_json::json!({"roomId": "live"});
+    let (status, answer) = api(&closed, "/api/recordings/start", Some("any"), room.clone()).await;
+    assert_eq!(status, 403, "{answer}");
+    closed.shutdown().await;
+
+    let mut config = test_config();
+    config.api.key = "the key".into();
+    config.recording.dir = dir.join("rec");
+    let server = Server::start(config).await.expect("server starts");
+    for key in [None, Some("not the key"), Some("the key2"), Some("")] {
+        let (status, _) = api(&server, "/api/recordings/start", key, room.clone()).await;
+        assert_eq!(status, 401, "{key:?}");
+    }
+    let garbage = serde_json::json!({"room": "live"});
+    let (status, answer) = api(&server, "/api/recordings/start", Some("the key"), garbage).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("roomId"),
+        "{answer}"
+    );
+
+    let alice = publish(&server, "alice", "live", 1, &media, MediaShape::default()).await;
+    let bob = TestPeer::join(server.local_addr(), "bob", "live", 2, false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // alice's tracks are published
+    assert!(
+        bob.envelopes_of("recordingStarted").is_empty(),
+        "not recorded yet"
+    );
+
+    // The room: both of alice's tracks, from now on.
+    let (status, answer) = api(
+        &server,
+        "/api/recordings/start",
+        Some("the key"),
+        room.clone(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["recordedTracks"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    let told = eventually(Duration::from_secs(5), || {
+        !bob.envelopes_of("recordingStarted").is_empty()
+    })
+    .await;
+    assert!(told, "bob is told");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, answer) = api(
+        &server,
+        "/api/recordings/stop",
+        Some("the key"),
+        room.clone(),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["recordedTracks"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{answer}"
+    );
+    let told = eventually(Duration::from_secs(5), || {
+        !bob.envelopes_of("recordingStopped").is_empty()
+    })
+    .await;
+    assert!(told, "bob is told it stopped");
+
+    // One participant.
+    let alice_only = serde_json::json!({"roomId": "live", "userId": "alice"});
+    let (_, answer) = api(
+        &server,
+        "/api/recordings/start",
+        Some("the key"),
+        alice_only.clone(),
+    )
+    .await;
+    assert_eq!(
+        answer["recordedTracks"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (_, answer) = api(&server, "/api/recordings/stop", Some("the key"), alice_only).await;
+    assert_eq!(
+        answer["recordedTracks"].as_array().map(Vec::len),
+        Some(0),
+        "{answer}"
+    );
+
+    let rec = dir.join("rec").join("live");
+    let complete = eventually(Duration::from_secs(10), || {
+        let files = files_under(&rec);
+        files.len() == 4 && files.iter().all(|f| f.extension().unwrap() != "part")
+    })
+    .await;
+    let files = files_under(&rec);
+    assert!(complete, "{files:?}");
+    for file in &files {
+        let (codecs, duration) = probe(file);
+        assert_eq!(codecs.len(), 1, "{file:?}");
+        assert!(duration > 0.5, "{file:?}: {duration} s");
+        assert_eq!(decode_errors(file), "", "{file:?}");
+    }
+    alice.close().await;
+    bob.close().await;
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::Html;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
@@ -15,13 +15,17 @@ use crate::signal::Signal;
 /// other member, and chats over a data channel.
 const DEMO_PAGE: &str = include_str!("demo.html");
 
+mod recordings;
+
 #[derive(Clone)]
 struct Http {
     signal: Arc<Signal>,
     ice_servers: Arc<Vec<IceServer>>,
+    /// `api.key`; `None` refuses every API request.
+    api_key: Option<Arc<str>>,
 }
 
-pub fn router(signal: Arc<Signal>, ice_servers: Vec<IceServer>) -> Router {
+pub fn router(signal: Arc<Signal>, ice_servers: Vec<IceServer>, api_key: &str) -> Router {
     Router::new()
         .route("/", get(demo))
         .route("/healthz", get(healthz))
@@ -30,9 +34,14 @@ pub fn router(signal: Arc<Signal>, ice_servers: Vec<IceServer>) -> Router {
             get(|| async { axum::http::StatusCode::NO_CONTENT }),
         )
         .route("/api/ice-servers", get(ice))
+        .route("/api/recordings/start", post(recordings::start))
+        .route("/api/recordings/stop", post(recordings::stop))
         .with_state(Http {
             signal,
             ice_servers: Arc::new(ice_servers),
+            api_key: Some(api_key.trim())
+                .filter(|k| !k.is_empty())
+                .map(Arc::from),
         })
 }
 

@@ -73,7 +73,7 @@ pub fn track_file(dir: &Path, meta: &TrackMeta) -> std::io::Result<Box<dyn Media
         Codec::Opus => Box::new(OggOpus::new(out, meta.channels)?),
         Codec::Vp8 => Box::new(Ivf::new(out, *b"VP80", meta.clock_rate)?),
         Codec::Vp9 => Box::new(Ivf::new(out, *b"VP90", meta.clock_rate)?),
-        Codec::H264 => Box::new(AnnexB { out }),
+        Codec::H264 => Box::new(AnnexB { out, frames: 0 }),
     })
 }
 
@@ -91,7 +91,14 @@ struct Output {
 }
 
 impl Output {
-    fn complete(mut self) -> std::io::Result<Option<PathBuf>> {
+    /// Renames the finished file into place; one without a single frame is removed instead
+    /// (nothing to play).
+    fn complete(mut self, frames: u64) -> std::io::Result<Option<PathBuf>> {
+        if frames == 0 {
+            drop(self.file);
+            std::fs::remove_file(&self.part)?;
+            return Ok(None);
+        }
         self.file.flush()?;
         self.file.get_ref().sync_all()?;
         std::fs::rename(&self.part, &self.path)?;
@@ -173,22 +180,24 @@ impl MediaSink for Ivf {
         let file = &mut self.out.file;
         file.seek(SeekFrom::Start(24))?;
         file.write_all(&(duration.min(u32::MAX as u64) as u32).to_le_bytes())?;
-        self.out.complete()
+        self.out.complete(self.frames as u64)
     }
 }
 
 /// H264 access units as they come out of the depacketizer: an Annex B stream.
 struct AnnexB {
     out: Output,
+    frames: u64,
 }
 
 impl MediaSink for AnnexB {
     fn frame(&mut self, frame: &Frame<'_>) -> std::io::Result<()> {
+        self.frames += 1;
         self.out.file.write_all(frame.data)
     }
 
     fn finish(self: Box<Self>) -> std::io::Result<Option<PathBuf>> {
-        self.out.complete()
+        self.out.complete(self.frames)
     }
 }
 
@@ -262,6 +271,12 @@ impl MediaSink for OggOpus {
     }
 
     fn finish(mut self: Box<Self>) -> std::io::Result<Option<PathBuf>> {
+        if self.held.is_none() {
+            // Not a single packet: no file (nothing to play).
+            drop(self.writer);
+            std::fs::remove_file(&self.part)?;
+            return Ok(None);
+        }
         if let Some((held, start)) = &self.held {
             let end = start + opus_samples(held);
             self.write_held(end, true)?;
@@ -327,5 +342,30 @@ mod tests {
         };
         let p = track_path(Path::new("/rec"), &meta);
         assert_eq!(p, Path::new("/rec/_.._etc/a_b-cam_1-20261201T203500Z.ivf"));
+    }
+
+    #[test]
+    fn a_recording_without_a_frame_leaves_no_file() {
+        let dir = std::env::temp_dir().join(format!("switchboard-empty-{}", std::process::id()));
+        for codec in [Codec::Opus, Codec::Vp8, Codec::H264] {
+            let meta = TrackMeta {
+                room: "r".into(),
+                user: "u".into(),
+                track_id: format!("{codec:?}"),
+                codec,
+                clock_rate: codec.clock_rate(),
+                channels: 2,
+                started: SystemTime::now(),
+            };
+            let sink = track_file(&dir, &meta).unwrap();
+            assert!(
+                part_path(&track_path(&dir, &meta)).exists(),
+                "written as .part"
+            );
+            assert_eq!(sink.finish().unwrap(), None);
+            let left: Vec<_> = std::fs::read_dir(dir.join("r")).unwrap().collect();
+            assert!(left.is_empty(), "{codec:?}: {left:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

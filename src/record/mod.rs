@@ -14,6 +14,7 @@ pub mod sink;
 pub use recorder::{Recorder, Summary};
 pub use sink::{Frame, MediaSink, SinkFactory, TrackMeta};
 
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
@@ -27,6 +28,9 @@ pub struct Recordings {
     config: RecordingConfig,
     factories: Vec<SinkFactory>,
     webhooks: Webhooks,
+    /// Recorded through the API: whole rooms (`None`) and single participants, on top of the
+    /// rooms `recording.rooms` names.
+    selected: Mutex<HashSet<(String, Option<String>)>>,
     writers: Mutex<Vec<JoinHandle<Summary>>>,
 }
 
@@ -36,6 +40,7 @@ impl Recordings {
             config,
             factories,
             webhooks,
+            selected: Mutex::new(HashSet::new()),
             writers: Mutex::new(Vec::new()),
         }
     }
@@ -45,7 +50,7 @@ impl Recordings {
     pub fn start(&self, meta: TrackMeta) -> Option<Recorder> {
         let mut sinks: Vec<Box<dyn MediaSink>> = Vec::new();
         let mut to_file = false;
-        if self.config.records(&meta.room) {
+        if self.records(&meta.room, &meta.user) {
             let path = files::track_path(&self.config.dir, &meta);
             match files::track_file(&self.config.dir, &meta) {
                 Ok(sink) => {
@@ -109,6 +114,32 @@ impl Recordings {
             Err(e) => {
                 warn!("cannot start a recording writer: {e}");
                 None
+            }
+        }
+    }
+
+    /// Whether `user`'s tracks in `room` are recorded to files (by config or through the API).
+    pub fn records(&self, room: &str, user: &str) -> bool {
+        if self.config.records(room) {
+            return true;
+        }
+        let selected = self.selected.lock().unwrap_or_else(|e| e.into_inner());
+        selected.contains(&(room.to_owned(), None))
+            || selected.contains(&(room.to_owned(), Some(user.to_owned())))
+    }
+
+    /// Records a room (`user` `None`) or one participant from now on (`start`), or stops doing
+    /// so. Tracks already published are started or stopped by their loop.
+    pub fn select(&self, room: &str, user: Option<&str>, start: bool) {
+        let key = (room.to_owned(), user.map(str::to_owned));
+        let mut selected = self.selected.lock().unwrap_or_else(|e| e.into_inner());
+        if start {
+            selected.insert(key);
+        } else {
+            selected.remove(&key);
+            if user.is_none() {
+                // Stopping a room stops its participants' recordings too.
+                selected.retain(|(r, _)| r != room);
             }
         }
     }

@@ -161,6 +161,11 @@ fn write(
         }
     }
     summary.skipped_frames = assembler.skipped_frames;
+    if summary.frames == 0 {
+        summary
+            .errors
+            .push("no media arrived: nothing was written".into());
+    }
     summary.dropped_packets = dropped.load(Ordering::Relaxed);
     if let Some((first, last)) = first_last {
         summary.duration =

@@ -371,6 +371,26 @@ impl Sfu {
         .await
     }
 
+    /// Starts or stops recording a room (`user` `None`) or one participant on this node: from
+    /// now on, and for the tracks published now. Returns the room's tracks recorded afterwards.
+    pub async fn record(&self, room: &str, user: Option<&str>, start: bool) -> Vec<TrackInfo> {
+        self.shared.recordings.select(room, user, start);
+        let Some(l) = self.shared.directory().loop_of_room(room) else {
+            return Vec::new(); // no media session in the room yet
+        };
+        let (tx, rx) = oneshot::channel();
+        let sent = self.loops[l].send(Input::Command(Command::Record {
+            room: room.to_owned(),
+            user: user.map(str::to_owned),
+            start,
+            reply: tx,
+        }));
+        if !sent {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// Ends a member's media session: both connections, its tracks and channels everywhere.
     /// Whether there was one to end.
     pub async fn leave(&self, user: &str, session: &str) -> bool {

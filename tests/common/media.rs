@@ -18,11 +18,16 @@ pub struct EncodedMedia {
     pub video: Vec<Vec<Bytes>>,
 }
 
-/// Encodes `seconds` of media into `dir` and packetizes it.
+/// Encodes `seconds` of media into `dir` and packetizes it (a keyframe every 30 frames).
 pub fn encode(dir: &Path, seconds: u32) -> EncodedMedia {
+    encode_with_keyframes_every(dir, seconds, 30)
+}
+
+/// [`encode`] with a keyframe every `gop` frames.
+pub fn encode_with_keyframes_every(dir: &Path, seconds: u32, gop: u32) -> EncodedMedia {
     std::fs::create_dir_all(dir).unwrap();
     let (ivf, ogg) = (dir.join("source.ivf"), dir.join("source.ogg"));
-    let t = seconds.to_string();
+    let (t, g) = (seconds.to_string(), gop.to_string());
     run_ffmpeg(&[
         "-f",
         "lavfi",
@@ -33,7 +38,7 @@ pub fn encode(dir: &Path, seconds: u32) -> EncodedMedia {
         "-c:v",
         "libvpx",
         "-g",
-        "30",
+        &g,
         "-b:v",
         "300k",
         "-deadline",

@@ -74,6 +74,14 @@ pub enum Command {
         room: String,
         reply: oneshot::Sender<Vec<TrackInfo>>,
     },
+    /// Starts or stops recording the room's tracks (or one participant's) that are published
+    /// now; replies with the tracks recorded afterwards.
+    Record {
+        room: String,
+        user: Option<String>,
+        start: bool,
+        reply: oneshot::Sender<Vec<TrackInfo>>,
+    },
 }
 
 fn bad_sdp(e: impl ToString) -> SfuError {
@@ -161,6 +169,14 @@ impl MediaState {
             }
             Command::Tracks { room, reply } => {
                 let _ = reply.send(self.tracks_of(&room));
+            }
+            Command::Record {
+                room,
+                user,
+                start,
+                reply,
+            } => {
+                let _ = reply.send(self.record(&room, user.as_deref(), start));
             }
         }
     }

@@ -182,6 +182,51 @@ impl MediaState {
         }
     }
 
+    /// The API's start / stop for the tracks published in `room` now (all, or `user`'s).
+    /// Returns the room's tracks being recorded afterwards.
+    pub(super) fn record(&mut self, room: &str, user: Option<&str>, start: bool) -> Vec<TrackInfo> {
+        let tracks = self
+            .rooms
+            .get(room)
+            .map(|r| r.tracks.clone())
+            .unwrap_or_default();
+        for t in tracks {
+            let track = &self.tracks[t];
+            if user.is_some_and(|u| u != track.owner) {
+                continue;
+            }
+            match (start, track.recording.as_ref().is_some_and(|r| r.to_file)) {
+                (true, false) => self.start_recording(t),
+                // A room stopped stops every track; a participant stopped keeps a room rule.
+                (false, true) if !self.shared.recordings.records(room, &track.owner.clone()) => {
+                    self.stop_recording(t)
+                }
+                _ => {}
+            }
+        }
+        let r = self.rooms.get(room);
+        let to_file = |t: usize| self.tracks[t].recording.as_ref().is_some_and(|r| r.to_file);
+        r.map(|r| r.tracks.iter().filter(|&&t| to_file(t)))
+            .into_iter()
+            .flatten()
+            .map(|&t| self.tracks[t].info())
+            .collect()
+    }
+
+    /// Ends a track's recording (its file is finished in the background).
+    fn stop_recording(&mut self, t: usize) {
+        let track = &mut self.tracks[t];
+        let Some(recorder) = track.recording.take() else {
+            return;
+        };
+        track.forwarder.remove_down_track(RECORDING_DOWN_ID);
+        let room = track.room.clone();
+        if recorder.to_file {
+            self.recording_changed(&room, -1);
+        }
+        self.shared.recordings.finished(recorder);
+    }
+
     /// Starts the track's recording if its room is recorded (or a registered sink wants it):
     /// a down-track of its own on the highest layer, fed and keyframe-gated like a subscriber
     /// that just joined.
@@ -407,13 +452,8 @@ impl MediaState {
         if let Some(conn) = self.conns.get_mut(publisher) {
             conn.stop_forwarding(t);
         }
-        let mut track = self.tracks.remove(t);
-        if let Some(recorder) = track.recording.take() {
-            if recorder.to_file {
-                self.recording_changed(&room, -1);
-            }
-            self.shared.recordings.finished(recorder);
-        }
+        self.stop_recording(t);
+        let track = self.tracks.remove(t);
         info!(user = %track.owner, track = %track.track_id, "track unpublished");
         self.emit(SfuEvent::TrackUnpublished {
             room_id: room,

@@ -1,0 +1,96 @@
+//! `/api/recordings`: start and stop recording a room or one participant, behind the API key.
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::Http;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Selection {
+    room_id: String,
+    #[serde(default)]
+    user_id: Option<String>,
+}
+
+pub async fn start(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    body: Result<Json<Selection>, JsonRejection>,
+) -> Response {
+    select(http, headers, body, true).await
+}
+
+pub async fn stop(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    body: Result<Json<Selection>, JsonRejection>,
+) -> Response {
+    select(http, headers, body, false).await
+}
+
+async fn select(
+    http: Http,
+    headers: HeaderMap,
+    body: Result<Json<Selection>, JsonRejection>,
+    start: bool,
+) -> Response {
+    if let Some(refused) = refusal(&http, &headers) {
+        return refused;
+    }
+    let Json(selection) = match body {
+        Ok(body) => body,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    if selection.room_id.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "roomId must not be empty");
+    }
+    let user = selection.user_id.as_deref().filter(|u| !u.is_empty());
+    let recorded = http
+        .signal
+        .sfu
+        .record(&selection.room_id, user, start)
+        .await;
+    Json(json!({
+        "roomId": selection.room_id,
+        "userId": user,
+        "recording": start,
+        "recordedTracks": recorded,
+    }))
+    .into_response()
+}
+
+/// `None` if the request carries `Authorization: Bearer <api.key>`, else the answer refusing
+/// it; with no key configured, everything is refused.
+fn refusal(http: &Http, headers: &HeaderMap) -> Option<Response> {
+    let Some(key) = http.api_key.as_deref() else {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "the API is off: set api.key (--api-key, SWITCHBOARD_API__KEY)",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Digests compared, not the keys: how long a comparison takes says nothing about the key.
+    let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    if digest(given).as_ref() != digest(key).as_ref() {
+        let mut refused = error(StatusCode::UNAUTHORIZED, "a valid API key is required");
+        refused
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+        return Some(refused);
+    }
+    None
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({"error": message}))).into_response()
+}
