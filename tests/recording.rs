@@ -526,3 +526,90 @@ async fn recordings_start_and_stop_through_the_api() {
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Four free UDP ports in a row on loopback, the first even (RTP and RTCP for two tracks).
+fn free_port_run() -> u16 {
+    for _ in 0..200 {
+        let first = 20_000 + 2 * (rand_u16() % 10_000);
+        let bound: Vec<_> = (first..first + 4)
+            .map(|p| std::net::UdpSocket::bind(("127.0.0.1", p)))
+            .collect();
+        if bound.iter().all(Result::is_ok) {
+            return first;
+        }
+    }
+    panic!("no four free UDP ports in a row");
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    (t.subsec_nanos() ^ std::process::id()) as u16
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtp_egress_reaches_ffmpeg_through_the_generated_sdp() {
+    let dir = temp_dir("egress");
+    let source = dir.join("source");
+    let media = Arc::new(media::encode_with_keyframes_every(&source, SECONDS, 5));
+    let mut config = test_config();
+    config.api.key = "k".into();
+    let server = Server::start(config).await.expect("server starts");
+    let alice = publish(&server, "alice", "out", 1, &media, MediaShape::default()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // her tracks are published
+
+    let port = free_port_run();
+    let request =
+        serde_json::json!({"roomId": "out", "userId": "alice", "host": "127.0.0.1", "port": port});
+    let (status, answer) = api(&server, "/api/egress/start", Some("k"), request).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["tracks"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    let sdp = dir.join("alice.sdp");
+    std::fs::write(&sdp, answer["sdp"].as_str().unwrap()).unwrap();
+
+    // ffmpeg receives from the SDP alone, decodes two seconds, one checksum line per frame.
+    let sdp_path = sdp.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("timeout")
+            .args([
+                "20",
+                "ffmpeg",
+                "-v",
+                "error",
+                "-protocol_whitelist",
+                "file,udp,rtp",
+                "-i",
+            ])
+            .arg(&sdp_path)
+            .args(["-t", "2", "-f", "framecrc", "-"])
+            .output()
+            .expect("ffmpeg runs")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ffmpeg: {} {stderr}", out.status);
+    assert_eq!(stderr, "", "decode errors");
+    let frames = String::from_utf8_lossy(&out.stdout);
+    let count = |stream: &str| frames.lines().filter(|l| l.starts_with(stream)).count();
+    let (audio, video) = (count("0,"), count("1,"));
+    assert!(
+        audio >= 50 && video >= 30,
+        "audio {audio} video {video} frames decoded:\n{frames}"
+    );
+
+    let stop = serde_json::json!({"roomId": "out"});
+    let (status, _) = api(&server, "/api/egress/stop", Some("k"), stop).await;
+    assert_eq!(status, 200);
+    let nowhere = serde_json::json!({"roomId": "empty", "host": "127.0.0.1", "port": port});
+    let (status, _) = api(&server, "/api/egress/start", Some("k"), nowhere).await;
+    assert_eq!(status, 404, "no tracks there");
+    alice.close().await;
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

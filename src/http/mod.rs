@@ -36,6 +36,8 @@ pub fn router(signal: Arc<Signal>, ice_servers: Vec<IceServer>, api_key: &str) -
         .route("/api/ice-servers", get(ice))
         .route("/api/recordings/start", post(recordings::start))
         .route("/api/recordings/stop", post(recordings::stop))
+        .route("/api/egress/start", post(recordings::egress_start))
+        .route("/api/egress/stop", post(recordings::egress_stop))
         .with_state(Http {
             signal,
             ice_servers: Arc::new(ice_servers),

@@ -1,4 +1,5 @@
-//! `/api/recordings`: start and stop recording a room or one participant, behind the API key.
+//! `/api/recordings`: start and stop recording a room or one participant; `/api/egress`: send
+//! its tracks as plain RTP to an address, with the SDP to receive them. Behind the API key.
 
 use axum::Json;
 use axum::extract::State;
@@ -63,6 +64,74 @@ async fn select(
         "recordedTracks": recorded,
     }))
     .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Egress {
+    room_id: String,
+    #[serde(default)]
+    user_id: Option<String>,
+    /// Where to send (an IP address) and the first port (each track gets its own, two apart).
+    host: Option<std::net::IpAddr>,
+    port: Option<u16>,
+}
+
+pub async fn egress_start(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    body: Result<Json<Egress>, JsonRejection>,
+) -> Response {
+    if let Some(refused) = refusal(&http, &headers) {
+        return refused;
+    }
+    let Json(egress) = match body {
+        Ok(body) => body,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    let (Some(host), Some(port)) = (egress.host, egress.port.filter(|p| *p > 0)) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "host (an IP address) and port are required",
+        );
+    };
+    let user = egress.user_id.as_deref().filter(|u| !u.is_empty());
+    let tracks = http
+        .signal
+        .sfu
+        .rtp_out(&egress.room_id, user, Some((host, port)))
+        .await;
+    if tracks.is_empty() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no track published there on this node",
+        );
+    }
+    let name = format!(
+        "switchboard {}{}",
+        egress.room_id,
+        user.map(|u| format!(" {u}")).unwrap_or_default()
+    );
+    let sdp = crate::record::rtp_out::sdp(host, &name, &tracks);
+    Json(json!({"roomId": egress.room_id, "userId": user, "tracks": tracks, "sdp": sdp}))
+        .into_response()
+}
+
+pub async fn egress_stop(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    body: Result<Json<Egress>, JsonRejection>,
+) -> Response {
+    if let Some(refused) = refusal(&http, &headers) {
+        return refused;
+    }
+    let Json(egress) = match body {
+        Ok(body) => body,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    let user = egress.user_id.as_deref().filter(|u| !u.is_empty());
+    http.signal.sfu.rtp_out(&egress.room_id, user, None).await;
+    Json(json!({"roomId": egress.room_id, "userId": user, "tracks": []})).into_response()
 }
 
 /// `None` if the request carries `Authorization: Bearer <api.key>`, else the answer refusing

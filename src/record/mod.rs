@@ -9,6 +9,7 @@
 pub mod files;
 pub mod frames;
 pub mod recorder;
+pub mod rtp_out;
 pub mod sink;
 
 pub use recorder::{Recorder, Summary};

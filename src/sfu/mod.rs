@@ -391,6 +391,30 @@ impl Sfu {
         rx.await.unwrap_or_default()
     }
 
+    /// Starts (`to`: host and first port) or stops (`None`) RTP egress of the tracks a room (or
+    /// one participant) publishes now on this node. Returns what is sent where.
+    pub async fn rtp_out(
+        &self,
+        room: &str,
+        user: Option<&str>,
+        to: Option<(std::net::IpAddr, u16)>,
+    ) -> Vec<crate::record::rtp_out::OutTrack> {
+        let Some(l) = self.shared.directory().loop_of_room(room) else {
+            return Vec::new();
+        };
+        let (tx, rx) = oneshot::channel();
+        let sent = self.loops[l].send(Input::Command(Command::RtpOut {
+            room: room.to_owned(),
+            user: user.map(str::to_owned),
+            to,
+            reply: tx,
+        }));
+        if !sent {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// Ends a member's media session: both connections, its tracks and channels everywhere.
     /// Whether there was one to end.
     pub async fn leave(&self, user: &str, session: &str) -> bool {

@@ -51,6 +51,8 @@ pub enum DownSink {
     Subscriber { conn: ConnKey, slot: usize },
     /// The track's recording ([`PublishedTrack::recording`]).
     Recording,
+    /// Plain RTP to an address (RTP egress, [`PublishedTrack::rtp_out`]).
+    Plain { to: SocketAddr },
 }
 
 /// A user in a room with a media session on this loop.
@@ -110,6 +112,8 @@ pub struct PublishedTrack {
     pub forwarder: TrackForwarder<DownSink>,
     /// The track's recording, fed by a down-track of its own.
     pub recording: Option<crate::record::Recorder>,
+    /// RTP egress: a down-track per destination.
+    pub rtp_out: Vec<(DownTrackId, SocketAddr)>,
 }
 
 /// A data channel a member opened, and its copies on the other members' connections.

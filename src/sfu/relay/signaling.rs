@@ -82,6 +82,13 @@ pub enum Command {
         start: bool,
         reply: oneshot::Sender<Vec<TrackInfo>>,
     },
+    /// Starts (to `host`, ports from the given one up) or stops (`None`) RTP egress.
+    RtpOut {
+        room: String,
+        user: Option<String>,
+        to: Option<(std::net::IpAddr, u16)>,
+        reply: oneshot::Sender<Vec<crate::record::rtp_out::OutTrack>>,
+    },
 }
 
 fn bad_sdp(e: impl ToString) -> SfuError {
@@ -177,6 +184,14 @@ impl MediaState {
                 reply,
             } => {
                 let _ = reply.send(self.record(&room, user.as_deref(), start));
+            }
+            Command::RtpOut {
+                room,
+                user,
+                to,
+                reply,
+            } => {
+                let _ = reply.send(self.rtp_out(&room, user.as_deref(), to));
             }
         }
     }

@@ -18,15 +18,20 @@ use tracing::{debug, info, warn};
 
 use super::{DownEntry, DownSink, MediaState, PublishedTrack};
 use crate::record::TrackMeta;
+use crate::record::rtp_out::{self, OutTrack};
 use crate::sfu::api::{MediaKind, PcKind, SfuError, SfuEvent, TrackInfo};
 use crate::sfu::egress::Route;
 use crate::sfu::forward::{
     Codec, DownTrackConfig, DownTrackId, ExtMap, Quality, RtpHeader, RtpPacket, TrackForwarder,
+    write_header,
 };
 use crate::sfu::peer::{ConnKey, FORWARDED_EXTENSIONS, sdp};
 
 /// The recording's down-track on each track (subscribers' ids start at 1).
 const RECORDING_DOWN_ID: DownTrackId = 0;
+/// The send batch's destination key of plain RTP (it never shares a GSO run with another
+/// address: the batch compares addresses too).
+const PLAIN_RTP_KEY: u32 = u32::MAX;
 
 impl PublishedTrack {
     pub fn info(&self) -> TrackInfo {
@@ -166,6 +171,7 @@ impl MediaState {
             receivers: vec![(ssrc, init.receiver_id)],
             forwarder,
             recording: None,
+            rtp_out: Vec::new(),
         });
         self.start_recording(t);
         self.conns[key].forward_source(ssrc, init.receiver_id, t);
@@ -211,6 +217,71 @@ impl MediaState {
             .flatten()
             .map(|&t| self.tracks[t].info())
             .collect()
+    }
+
+    /// RTP egress for the tracks published in `room` now (all, or `user`'s): each to `host`
+    /// on its own port from `first_port` up, two apart (RTP, then RTCP's customary place).
+    /// `None` for `host` stops them instead. Returns what is sent where.
+    pub(super) fn rtp_out(
+        &mut self,
+        room: &str,
+        user: Option<&str>,
+        to: Option<(std::net::IpAddr, u16)>,
+    ) -> Vec<OutTrack> {
+        let tracks = self
+            .rooms
+            .get(room)
+            .map(|r| r.tracks.clone())
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for t in tracks {
+            let track = &mut self.tracks[t];
+            if user.is_some_and(|u| u != track.owner) {
+                continue;
+            }
+            for (id, _) in track.rtp_out.drain(..) {
+                track.forwarder.remove_down_track(id);
+            }
+            let Some((host, first_port)) = to else {
+                continue;
+            };
+            let Some(codec) = Codec::from_mime(&track.codec.mime_type) else {
+                continue;
+            };
+            let Some(port) = first_port.checked_add(2 * out.len() as u16) else {
+                break;
+            };
+            let addr = std::net::SocketAddr::new(host, port);
+            let id = self.next_down_id;
+            self.next_down_id += 1;
+            let payload_type = rtp_out::payload_type(codec);
+            track.forwarder.add_down_track(
+                DownTrackConfig {
+                    id,
+                    ssrc: random_ssrc(),
+                    payload_type: Some(payload_type),
+                    ext_map: ExtMap::default(),
+                    quality: Quality::High,
+                },
+                DownSink::Plain { to: addr },
+            );
+            track.rtp_out.push((id, addr));
+            out.push(OutTrack {
+                user_id: track.owner.clone(),
+                track_id: track.track_id.clone(),
+                port,
+                payload_type,
+                rtpmap: rtp_out::rtpmap(
+                    &track.codec.mime_type,
+                    track.codec.clock_rate,
+                    track.codec.channels,
+                ),
+                fmtp: track.codec.sdp_fmtp_line.clone(),
+                video: codec.is_video(),
+            });
+            info!(user = %track.owner, track = %track.track_id, %addr, "RTP egress");
+        }
+        out
     }
 
     /// Ends a track's recording (its file is finished in the background).
@@ -497,6 +568,13 @@ impl MediaState {
                     if let Some(r) = recording.as_mut() {
                         r.push(header, payload);
                     }
+                    return;
+                }
+                DownSink::Plain { to } => {
+                    let mut buf = batch.buffer();
+                    write_header(header, &mut buf);
+                    buf.extend_from_slice(payload);
+                    batch.push(PLAIN_RTP_KEY, to, buf);
                     return;
                 }
             };
