@@ -237,12 +237,6 @@ impl Config {
             figment = figment.merge(Serialized::default("recording.dir", v));
         }
         let config: Config = figment.extract().map_err(Box::new)?;
-        if config.recording.mode != RecordingMode::Tracks {
-            return Err(Box::new(figment::Error::from(format!(
-                "recording.mode {:?}: only \"tracks\" is built so far",
-                config.recording.mode
-            ))));
-        }
         if !config.media.public_ip.trim().is_empty() && config.media.advertised_ip().is_none() {
             return Err(Box::new(figment::Error::from(format!(
                 "media.public_ip must be an IP address, got {:?}",

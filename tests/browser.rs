@@ -30,5 +30,5 @@ fn three_browsers_see_each_other_and_chat_through_the_demo_page() {
         .current_dir(&dir)
         .output()
         .expect("unshare runs (needs root or user namespaces)");
-    common::assert_node_checks(&out, "23 passed, 0 failed");
+    common::assert_node_checks(&out, "27 passed, 0 failed");
 }

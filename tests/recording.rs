@@ -613,3 +613,170 @@ async fn rtp_egress_reaches_ffmpeg_through_the_generated_sdp() {
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// ffprobe's streams of a file: (codec, start time in seconds) each.
+fn stream_starts(file: &Path) -> Vec<(String, f64)> {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=codec_name,start_time",
+            "-of",
+            "json",
+        ])
+        .arg(file)
+        .output()
+        .expect("ffprobe runs");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let start = s["start_time"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(f64::NAN);
+            (
+                s["codec_name"].as_str().unwrap_or_default().to_owned(),
+                start,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_file_holds_its_audio_and_video_together() {
+    let dir = temp_dir("recording-participant");
+    let media = Arc::new(media::encode(&dir.join("source"), SECONDS));
+    let mut config = test_config();
+    config.recording.dir = dir.join("rec");
+    config.recording.rooms = vec!["av".into()];
+    config.recording.mode = switchboard::config::RecordingMode::Both;
+    let server = Server::start(config).await.expect("server starts");
+    let alice = publish(&server, "alice", "av", 1, &media, MediaShape::default()).await;
+    tokio::time::sleep(Duration::from_secs(SECONDS as u64) + Duration::from_millis(700)).await;
+    alice.close().await;
+    let rec = dir.join("rec").join("av");
+    let complete = eventually(Duration::from_secs(10), || {
+        let files = files_under(&rec);
+        files.len() == 3 && files.iter().all(|f| f.extension().unwrap() != "part")
+    })
+    .await;
+    let files = files_under(&rec);
+    assert!(
+        complete,
+        "two track files and one participant file: {files:?}"
+    );
+    let webm = files
+        .iter()
+        .find(|f| f.extension().unwrap() == "webm")
+        .unwrap();
+    let name = webm.file_name().unwrap().to_str().unwrap();
+    assert!(name.starts_with("alice-av-"), "{name}");
+    let (codecs, duration) = probe(webm);
+    assert_eq!(codecs, ["opus", "vp8"], "{name}");
+    let sent = SECONDS as f64;
+    assert!(
+        (duration - sent).abs() <= sent * 0.1,
+        "{duration} s of {sent}"
+    );
+    let starts = stream_starts(webm);
+    assert!(
+        (starts[0].1 - starts[1].1).abs() <= 0.1,
+        "streams start apart: {starts:?}"
+    );
+    assert_eq!(decode_errors(webm), "", "{name} does not decode cleanly");
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The participant file's timeline comes from the capture clock: when the video's first frame was
+/// captured 300 ms after the audio's, the file starts with the audio captured at that moment
+/// (the first 300 ms of audio are left out), whatever the RTP timestamps and arrival times say.
+#[test]
+fn participant_files_place_tracks_by_their_capture_time() {
+    use switchboard::record::webm::ParticipantFile;
+    use switchboard::sfu::forward::Codec;
+    let dir = temp_dir("webm-sync");
+    let meta = |track: &str, codec: Codec, clock_rate: u32, channels: u16| TrackMeta {
+        room: "r".into(),
+        user: "u".into(),
+        track_id: track.into(),
+        codec,
+        clock_rate,
+        channels,
+        started: std::time::SystemTime::now(),
+    };
+    let source = media::encode(&dir.join("source"), 2);
+    // The VP8 frames again, whole (the payloads without their one-byte descriptors).
+    let frames: Vec<Vec<u8>> = source
+        .video
+        .iter()
+        .map(|packets| packets.iter().flat_map(|p| p[1..].to_vec()).collect())
+        .collect();
+    let path = dir.join("u-av.webm");
+    let file = ParticipantFile::create(path.clone()).unwrap();
+    let mut audio = file.track_sink(&meta("a", Codec::Opus, 48_000, 2)).unwrap();
+    let mut video = file.track_sink(&meta("v", Codec::Vp8, 90_000, 0)).unwrap();
+    let arrival = std::time::Instant::now();
+    let capture = 3_900_000_000.0; // some NTP time
+    for n in 0..100u64 {
+        audio
+            .frame(&Frame {
+                data: &source.audio[n as usize],
+                timestamp: n * 960,
+                keyframe: true,
+                capture_time: Some(capture + n as f64 * 0.02),
+                arrival,
+            })
+            .unwrap();
+        if n < 50 {
+            video
+                .frame(&Frame {
+                    data: &frames[n as usize],
+                    timestamp: n * 3000,
+                    keyframe: n % 30 == 0,
+                    capture_time: Some(capture + 0.3 + n as f64 / 30.0),
+                    arrival,
+                })
+                .unwrap();
+        }
+    }
+    assert_eq!(
+        audio.finish().unwrap(),
+        None,
+        "the last track completes the file"
+    );
+    assert_eq!(video.finish().unwrap(), Some(path.clone()));
+    let starts = stream_starts(&path);
+    let codecs: Vec<&str> = starts.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(codecs, ["opus", "vp8"]);
+    assert!(
+        starts.iter().all(|s| s.1.abs() < 0.01),
+        "both start at 0: {starts:?}"
+    );
+    let audio_packets = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "a",
+            "-show_entries",
+            "packet=pts",
+        ])
+        .args(["-of", "csv=p=0"])
+        .arg(&path)
+        .output()
+        .unwrap()
+        .stdout;
+    let audio_packets = String::from_utf8_lossy(&audio_packets).lines().count();
+    assert_eq!(
+        audio_packets,
+        100 - 15,
+        "the audio captured before the first picture is left out"
+    );
+    assert_eq!(decode_errors(&path), "");
+    let _ = std::fs::remove_dir_all(&dir);
+}

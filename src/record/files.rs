@@ -28,7 +28,7 @@ pub fn track_path(dir: &Path, meta: &TrackMeta) -> PathBuf {
 }
 
 /// Path separators, control characters and a leading dot replaced by `_`; never empty.
-fn file_safe(s: &str) -> String {
+pub(super) fn file_safe(s: &str) -> String {
     let mut out: String = s
         .chars()
         .take(100)
@@ -138,7 +138,7 @@ impl Ivf {
 }
 
 /// Width and height of a VP8 keyframe (RFC 6386 9.1), if `data` is one.
-fn vp8_size(data: &[u8]) -> Option<(u16, u16)> {
+pub(super) fn vp8_size(data: &[u8]) -> Option<(u16, u16)> {
     if data.len() < 10 || data[0] & 1 != 0 || data[3..6] != [0x9d, 0x01, 0x2a] {
         return None;
     }

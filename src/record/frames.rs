@@ -21,6 +21,8 @@ const REORDER_TIME: Duration = Duration::from_millis(500);
 pub struct AssembledFrame {
     pub data: Bytes,
     pub timestamp: u64,
+    /// The RTP timestamp as it came (not unwrapped).
+    pub rtp_timestamp: u32,
     pub keyframe: bool,
 }
 
@@ -107,6 +109,7 @@ impl FrameAssembler {
             return Some(AssembledFrame {
                 data: sample.data,
                 timestamp,
+                rtp_timestamp: ts,
                 keyframe,
             });
         }

@@ -11,17 +11,19 @@ pub mod frames;
 pub mod recorder;
 pub mod rtp_out;
 pub mod sink;
+pub mod webm;
 
 pub use recorder::{Recorder, Summary};
 pub use sink::{Frame, MediaSink, SinkFactory, TrackMeta};
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use tracing::warn;
 
-use crate::config::RecordingConfig;
+use crate::config::{RecordingConfig, RecordingMode};
 use crate::webhook::{Event, Webhooks};
 
 /// What gets recorded, and the writers of recordings that ended but may still be writing.
@@ -32,6 +34,8 @@ pub struct Recordings {
     /// Recorded through the API: whole rooms (`None`) and single participants, on top of the
     /// rooms `recording.rooms` names.
     selected: Mutex<HashSet<(String, Option<String>)>>,
+    /// Open participant files, by (room, user).
+    participants: Mutex<HashMap<(String, String), webm::ParticipantFile>>,
     writers: Mutex<Vec<JoinHandle<Summary>>>,
 }
 
@@ -42,6 +46,7 @@ impl Recordings {
             factories,
             webhooks,
             selected: Mutex::new(HashSet::new()),
+            participants: Mutex::new(HashMap::new()),
             writers: Mutex::new(Vec::new()),
         }
     }
@@ -50,40 +55,21 @@ impl Recordings {
     /// sink wants it; `None` otherwise (or if nothing could be opened).
     pub fn start(&self, meta: TrackMeta) -> Option<Recorder> {
         let mut sinks: Vec<Box<dyn MediaSink>> = Vec::new();
-        let mut to_file = false;
+        let mut paths = Vec::new();
         if self.records(&meta.room, &meta.user) {
-            let path = files::track_path(&self.config.dir, &meta);
-            match files::track_file(&self.config.dir, &meta) {
-                Ok(sink) => {
-                    sinks.push(sink);
-                    to_file = true;
-                    self.webhooks.emit(Event::RecordingStarted {
-                        room: meta.room.clone(),
-                        user: meta.user.clone(),
-                        track_id: meta.track_id.clone(),
-                        path,
-                    });
-                }
-                Err(e) => {
-                    warn!(
-                        room = %meta.room, user = %meta.user, track = %meta.track_id,
-                        dir = %self.config.dir.display(), "cannot record: {e}"
-                    );
-                    // The call goes on; whoever watches recordings hears why this one failed.
-                    self.webhooks.emit(Event::RecordingFinished {
-                        room: meta.room.clone(),
-                        user: meta.user.clone(),
-                        track_id: meta.track_id.clone(),
-                        path: None,
-                        duration: Default::default(),
-                        bytes: 0,
-                        frames: 0,
-                        dropped_packets: 0,
-                        error: Some(format!("cannot open {}: {e}", path.display())),
-                    });
-                }
+            let mode = self.config.mode;
+            if mode != RecordingMode::Participants {
+                let path = files::track_path(&self.config.dir, &meta);
+                let open = || files::track_file(&self.config.dir, &meta).map(|s| (path.clone(), s));
+                sinks.extend(self.open_file(&meta, &path, open, &mut paths));
+            }
+            if mode != RecordingMode::Tracks && webm::supports(meta.codec) {
+                let path = webm::participant_path(&self.config.dir, &meta);
+                let open = || self.participant_sink(&meta);
+                sinks.extend(self.open_file(&meta, &path, open, &mut paths));
             }
         }
+        let to_file = !sinks.is_empty();
         sinks.extend(self.factories.iter().filter_map(|make| make(&meta)));
         if sinks.is_empty() {
             return None;
@@ -95,7 +81,11 @@ impl Recordings {
                     room: meta.room.clone(),
                     user: meta.user.clone(),
                     track_id: meta.track_id.clone(),
-                    path: summary.files.first().cloned(),
+                    // A participant file is completed by its last track: the others name it.
+                    path: summary.files.first().cloned().or_else(|| {
+                        let ok = summary.errors.is_empty();
+                        ok.then(|| paths.last().cloned()).flatten()
+                    }),
                     duration: summary.duration,
                     bytes: summary.bytes,
                     frames: summary.frames,
@@ -117,6 +107,66 @@ impl Recordings {
                 None
             }
         }
+    }
+
+    /// Opens a file sink with `open`; says so (or why not) in a webhook.
+    fn open_file(
+        &self,
+        meta: &TrackMeta,
+        path: &Path,
+        open: impl FnOnce() -> std::io::Result<(PathBuf, Box<dyn MediaSink>)>,
+        paths: &mut Vec<PathBuf>,
+    ) -> Option<Box<dyn MediaSink>> {
+        match open() {
+            Ok((path, sink)) => {
+                self.webhooks.emit(Event::RecordingStarted {
+                    room: meta.room.clone(),
+                    user: meta.user.clone(),
+                    track_id: meta.track_id.clone(),
+                    path: path.clone(),
+                });
+                paths.push(path);
+                Some(sink)
+            }
+            Err(e) => {
+                warn!(
+                    room = %meta.room, user = %meta.user, track = %meta.track_id,
+                    dir = %self.config.dir.display(), "cannot record: {e}"
+                );
+                // The call goes on; whoever watches recordings hears why this one failed.
+                self.webhooks.emit(Event::RecordingFinished {
+                    room: meta.room.clone(),
+                    user: meta.user.clone(),
+                    track_id: meta.track_id.clone(),
+                    path: None,
+                    duration: Default::default(),
+                    bytes: 0,
+                    frames: 0,
+                    dropped_packets: 0,
+                    error: Some(format!("cannot open {}: {e}", path.display())),
+                });
+                None
+            }
+        }
+    }
+
+    /// The user's participant file (the open one, or a new one) and a sink for this track.
+    fn participant_sink(&self, meta: &TrackMeta) -> std::io::Result<(PathBuf, Box<dyn MediaSink>)> {
+        let mut files = self.participants.lock().unwrap_or_else(|e| e.into_inner());
+        files.retain(|_, f| !f.is_done());
+        let key = (meta.room.clone(), meta.user.clone());
+        if let Some(file) = files.get(&key)
+            && let Some(sink) = file.track_sink(meta)
+        {
+            return Ok((file.path(), sink));
+        }
+        let file = webm::ParticipantFile::create(webm::participant_path(&self.config.dir, meta))?;
+        let sink = file
+            .track_sink(meta)
+            .ok_or_else(|| std::io::Error::other("codec not supported in WebM"))?;
+        let path = file.path();
+        files.insert(key, file);
+        Ok((path, sink))
     }
 
     /// Whether `user`'s tracks in `room` are recorded to files (by config or through the API).

@@ -14,12 +14,45 @@ use super::frames::FrameAssembler;
 use super::sink::{Frame, MediaSink, TrackMeta};
 use crate::sfu::forward::RtpHeader;
 
-/// A packet on its way to the writer: the header fields frames need and the shared payload.
-struct Queued {
-    sequence_number: u16,
-    timestamp: u32,
-    marker: bool,
-    payload: Bytes,
+/// What goes to the writer: forwarded packets, and the publisher's sender reports.
+enum Queued {
+    /// The header fields frames need, the shared payload, and where it came from.
+    Packet {
+        sequence_number: u16,
+        timestamp: u32,
+        marker: bool,
+        payload: Bytes,
+        source_ssrc: u32,
+        source_timestamp: u32,
+        arrival: Instant,
+    },
+    /// A sender report of a source: its NTP time and the RTP timestamp it corresponds to.
+    SenderReport { ssrc: u32, ntp: u64, rtp: u32 },
+}
+
+/// Maps frames to the publisher's capture clock through its sender reports.
+#[derive(Default)]
+struct CaptureClock {
+    /// Per source: (NTP seconds, RTP timestamp) of its latest sender report.
+    reports: Vec<(u32, f64, u32)>,
+    /// The source of the latest packet, and its offset (forwarded timestamp - source's).
+    current: Option<(u32, u32)>,
+}
+
+impl CaptureClock {
+    fn report(&mut self, ssrc: u32, ntp: u64, rtp: u32) {
+        let seconds = (ntp >> 32) as f64 + (ntp & 0xffff_ffff) as f64 / 4_294_967_296.0;
+        self.reports.retain(|(s, ..)| *s != ssrc);
+        self.reports.push((ssrc, seconds, rtp));
+    }
+
+    /// Capture time of a frame with forwarded timestamp `rtp`, if its source has reported.
+    fn capture_time(&self, rtp: u32, clock_rate: u32) -> Option<f64> {
+        let (ssrc, offset) = self.current?;
+        let (_, ntp, sr_rtp) = self.reports.iter().find(|(s, ..)| *s == ssrc)?;
+        let since = rtp.wrapping_sub(offset).wrapping_sub(*sr_rtp) as i32;
+        Some(ntp + since as f64 / clock_rate.max(1) as f64)
+    }
 }
 
 /// What a finished recording did, for logs, webhooks and tests.
@@ -82,13 +115,17 @@ impl Recorder {
         })
     }
 
-    /// Queues one forwarded packet; never blocks (a full queue drops and counts it).
-    pub fn push(&mut self, header: &RtpHeader, payload: &Bytes) {
-        let queued = Queued {
+    /// Queues one forwarded packet (`header` as rewritten, `source` as it came); never blocks
+    /// (a full queue drops and counts it).
+    pub fn push(&mut self, header: &RtpHeader, payload: &Bytes, source: &RtpHeader, now: Instant) {
+        let queued = Queued::Packet {
             sequence_number: header.sequence_number,
             timestamp: header.timestamp,
             marker: header.marker,
             payload: payload.clone(),
+            source_ssrc: source.ssrc,
+            source_timestamp: source.timestamp,
+            arrival: now,
         };
         match self.queue.try_send(queued) {
             Ok(()) => {}
@@ -96,6 +133,11 @@ impl Recorder {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// A sender report of one of the track's sources (lip sync of participant files).
+    pub fn sender_report(&mut self, ssrc: u32, ntp: u64, rtp: u32) {
+        let _ = self.queue.try_send(Queued::SenderReport { ssrc, ntp, rtp });
     }
 
     /// Whether the writer asked for a keyframe since the last call.
@@ -122,17 +164,33 @@ fn write(
     let mut summary = Summary::default();
     let mut first_last: Option<(u64, u64)> = None;
     let mut failed = vec![false; sinks.len()];
+    let mut clock = CaptureClock::default();
     while let Ok(q) = rx.recv() {
         let now = Instant::now();
-        let packet = rtp::Packet {
-            header: rtp::header::Header {
-                version: 2,
-                marker: q.marker,
-                sequence_number: q.sequence_number,
-                timestamp: q.timestamp,
-                ..Default::default()
-            },
-            payload: q.payload,
+        let (packet, arrival) = match q {
+            Queued::SenderReport { ssrc, ntp, rtp } => {
+                clock.report(ssrc, ntp, rtp);
+                continue;
+            }
+            Queued::Packet {
+                sequence_number,
+                timestamp,
+                marker,
+                payload,
+                source_ssrc,
+                source_timestamp,
+                arrival,
+            } => {
+                clock.current = Some((source_ssrc, timestamp.wrapping_sub(source_timestamp)));
+                let header = rtp::header::Header {
+                    version: 2,
+                    marker,
+                    sequence_number,
+                    timestamp,
+                    ..Default::default()
+                };
+                (rtp::Packet { header, payload }, arrival)
+            }
         };
         assembler.push(packet, now);
         while let Some(frame) = assembler.pop(now) {
@@ -140,6 +198,8 @@ fn write(
                 data: &frame.data,
                 timestamp: frame.timestamp,
                 keyframe: frame.keyframe,
+                capture_time: clock.capture_time(frame.rtp_timestamp, meta.clock_rate),
+                arrival,
             };
             for (sink, failed) in sinks.iter_mut().zip(failed.iter_mut()) {
                 if *failed {

@@ -29,6 +29,11 @@ pub struct Frame<'a> {
     pub timestamp: u64,
     /// Whether a decoder can start here (always true for audio).
     pub keyframe: bool,
+    /// When the publisher captured it, in seconds on its NTP clock (from its RTCP sender
+    /// reports; the same clock for all its tracks). `None` until a sender report arrived.
+    pub capture_time: Option<f64>,
+    /// When the server had it (its last packet).
+    pub arrival: std::time::Instant,
 }
 
 /// Receives a track's frames on the track's writer thread (never on a media loop): a slow sink

@@ -24,9 +24,16 @@ const check = (name, ok, detail) => {
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // The server, on loopback only, printing "listening on http://ADDR" first.
-const srv = spawn(server, ['--listen', '127.0.0.1:0', '--media-ip', '127.0.0.1'], {
+// Room "rec" is recorded, one WebM per participant.
+const recordDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sb-recordings-'));
+const srv = spawn(server, ['--listen', '127.0.0.1:0', '--media-ip', '127.0.0.1', '--record-dir', recordDir], {
   stdio: ['ignore', 'pipe', 'pipe'],
-  env: { ...process.env, RUST_LOG: process.env.SERVER_LOG || 'warn' },
+  env: {
+    ...process.env,
+    RUST_LOG: process.env.SERVER_LOG || 'warn',
+    SWITCHBOARD_RECORDING__ROOMS: '["rec"]',
+    SWITCHBOARD_RECORDING__MODE: 'participants',
+  },
 });
 srv.stderr.on('data', (d) => process.env.SERVER_LOG && process.stderr.write('[server] ' + d));
 const base = await new Promise((resolve, reject) => {
@@ -273,12 +280,48 @@ try {
   }
   const sorted = [...setUpMs].sort((a, b) => a - b);
   const median = (sorted[2] + sorted[3]) / 2;
-  check('connections are up within 300 ms (median of the six)', median < 300, { medianMs: Math.round(median), all: setUpMs.map(Math.round) });
+    check('connections are up within 300 ms (median of the six)', median < 300, { medianMs: Math.round(median), all: setUpMs.map(Math.round) });
+
+  // Recording: rita publishes camera and microphone in the recorded room for a few seconds and
+  // leaves; her WebM holds one Opus and one VP8 stream of about that long, starting together.
+  const rita = await context.newPage();
+  await rita.goto(`${base}/?room=rec&name=rita`);
+  const up = await rita.waitForFunction(() => window.sb.timings.publisherConnected, null, { timeout: WAIT_MS }).then(() => true, () => false);
+  const publishedAt = Date.now();
+  await sleep(4000);
+  await rita.close();
+  const publishedMs = Date.now() - publishedAt;
+  const roomDir = path.join(recordDir, 'rec');
+  let webm = null;
+  for (const end = Date.now() + WAIT_MS; Date.now() < end && !webm; await sleep(200)) {
+    const names = fs.existsSync(roomDir) ? fs.readdirSync(roomDir) : [];
+    webm = names.find((n) => n.startsWith('rita-av-') && n.endsWith('.webm'));
+  }
+  check('a recorded participant gets one WebM file', up && !!webm, { up, files: fs.existsSync(roomDir) ? fs.readdirSync(roomDir) : [] });
+  if (webm) {
+    const file = path.join(roomDir, webm);
+    const { execFileSync } = await import('node:child_process');
+    const probe = JSON.parse(execFileSync('ffprobe', ['-v', 'error', '-show_entries', 'stream=codec_name,start_time:format=duration', '-of', 'json', file]));
+    const streams = probe.streams.map((s) => ({ codec: s.codec_name, start: Number(s.start_time) }));
+    const duration = Number(probe.format.duration);
+    const codecs = streams.map((s) => s.codec).sort().join(',');
+    const apart = streams.length === 2 ? Math.abs(streams[0].start - streams[1].start) : Infinity;
+    check('it holds one audio and one video stream, starting together (within 100 ms)', codecs === 'opus,vp8' && apart <= 0.1, { streams, apart });
+    check('it lasts as long as rita published', Math.abs(duration - publishedMs / 1000) <= Math.max(0.7, publishedMs / 1000 * 0.2), { duration, publishedMs });
+    let errors = '';
+    try {
+      execFileSync('ffmpeg', ['-v', 'error', '-i', file, '-f', 'null', '-'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    } catch (e) {
+      errors = String(e.stderr || e);
+    }
+    check('it decodes without an error', errors === '', errors.slice(0, 500));
+  }
 } catch (e) {
   check('no exception', false, String(e && e.stack || e));
 } finally {
   if (context) await context.close().catch(() => {});
-  fs.rmSync(userDataDir, { recursive: true, force: true });
+    fs.rmSync(userDataDir, { recursive: true, force: true });
+  fs.rmSync(recordDir, { recursive: true, force: true });
   srv.kill('SIGTERM');
 }
 console.log(`${passed} passed, ${failed} failed`);

@@ -9,6 +9,7 @@ use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::event::RTCTrackEventInit;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
@@ -566,7 +567,7 @@ impl MediaState {
                 DownSink::Subscriber { conn, slot } => (conn, slot),
                 DownSink::Recording => {
                     if let Some(r) = recording.as_mut() {
-                        r.push(header, payload);
+                        r.push(header, payload, &packet.header, now);
                     }
                     return;
                 }
@@ -636,12 +637,20 @@ impl MediaState {
         packets: Vec<Box<dyn rtc::rtcp::Packet>>,
         now: Instant,
     ) {
-        let conn = &mut self.conns[key];
-        if let Some(ingress) = conn.ingress.as_deref_mut() {
-            // A publisher's sender reports (the only RTCP its connection hands over).
-            ingress.sender_reports(packets, now);
+        if self.conns[key].ingress.is_some() {
+            // A publisher's sender reports (the only RTCP its connection hands over): also the
+            // capture clock of its recorded tracks.
+            for p in &packets {
+                if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
+                    self.sender_report_to_recordings(key, sr);
+                }
+            }
+            if let Some(ingress) = self.conns[key].ingress.as_deref_mut() {
+                ingress.sender_reports(packets, now);
+            }
             return;
         }
+        let conn = &self.conns[key];
         if conn.kind != PcKind::Subscriber {
             return;
         }
@@ -656,6 +665,18 @@ impl MediaState {
             } else if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
                 self.retransmit(key, nack, now);
             }
+        }
+    }
+
+    /// Hands a publisher's sender report to the recording of the track that source feeds.
+    fn sender_report_to_recordings(&mut self, publisher: ConnKey, sr: &SenderReport) {
+        let track = self.tracks.iter_mut().find(|(_, t)| {
+            t.publisher == publisher && t.receivers.iter().any(|(s, _)| *s == sr.ssrc)
+        });
+        if let Some((_, track)) = track
+            && let Some(recording) = track.recording.as_mut()
+        {
+            recording.sender_report(sr.ssrc, sr.ntp_time, sr.rtp_time);
         }
     }
 
