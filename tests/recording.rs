@@ -157,7 +157,12 @@ async fn recorded_tracks_are_files_that_play() {
     config.recording.rooms = vec!["rec-*".into()];
     let server = Server::start(config).await.expect("server starts");
 
-    let alice = publish(&server, "alice", "rec-1", 1, &media, MediaShape::default()).await;
+    // Her video reordered on the way: every third frame's packets arrive last first.
+    let reordered = MediaShape {
+        reverse_every: Some(3),
+        ..Default::default()
+    };
+    let alice = publish(&server, "alice", "rec-1", 1, &media, reordered).await;
     // A room that is not recorded.
     let bob = publish(&server, "bob", "other", 2, &media, MediaShape::default()).await;
     // Still publishing when the server stops: its files must be complete all the same.
@@ -222,6 +227,13 @@ async fn recorded_tracks_are_files_that_play() {
         } else {
             assert!(name.starts_with("alice-alice-video-"), "{name}");
             assert!(name.ends_with(".ivf"), "{name}");
+            // Every frame made it, the reordered ones too (the last may be held back).
+            let frames = video_packets(file).len();
+            assert!(
+                frames >= media.video.len() - 1,
+                "{frames} of {} frames",
+                media.video.len()
+            );
             "vp8"
         };
         assert_eq!(codecs, vec![expected.to_owned()], "{name}");

@@ -220,7 +220,7 @@ impl Muxer {
             data: frame.data.to_vec(),
         };
         match self.time_of(track, frame.timestamp) {
-                        // Before the file's start (a track's lead over the others): left out.
+            // Before the file's start (a track's lead over the others): left out.
             Some(at) if at < -0.000_5 => {}
             Some(at) => {
                 self.tracks[track].latest = Some(at);

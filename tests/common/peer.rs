@@ -131,6 +131,10 @@ pub struct MediaShape {
     pub pad: usize,
     /// Leave out every Nth video sequence number (a lost packet the server should NACK).
     pub skip_every: Option<u32>,
+    /// Send every Nth frame's packets in reverse order (real media only): reordering on the way.
+    /// Frames N-1, 2N-1, ...: with N = 3 and a keyframe every 30 frames, never a keyframe (a
+    /// down-track that starts on a keyframe whose first packet comes last waits for the next).
+    pub reverse_every: Option<u32>,
 }
 
 impl Default for MediaShape {
@@ -139,6 +143,7 @@ impl Default for MediaShape {
             video_burst: 1,
             pad: 24,
             skip_every: None,
+            reverse_every: None,
         }
     }
 }
@@ -529,6 +534,7 @@ async fn send_encoded(
         }
         while video_next < media.video.len() && video_next * 100 / 3 <= elapsed {
             let packets = &media.video[video_next];
+            let mut out = Vec::new();
             for (k, payload) in packets.iter().enumerate() {
                 video_seq = video_seq.wrapping_add(1);
                 if shape
@@ -537,7 +543,7 @@ async fn send_encoded(
                 {
                     continue; // "lost"
                 }
-                let p = rtp::Packet {
+                out.push(rtp::Packet {
                     header: rtp::header::Header {
                         version: 2,
                         marker: k + 1 == packets.len(),
@@ -548,7 +554,15 @@ async fn send_encoded(
                         ..Default::default()
                     },
                     payload: payload.clone(),
-                };
+                });
+            }
+            if shape
+                .reverse_every
+                .is_some_and(|n| (video_next as u32 + 1).is_multiple_of(n))
+            {
+                out.reverse(); // reordered on the way
+            }
+            for p in out {
                 let _ = video.write_rtp(p).await;
             }
             video_next += 1;
