@@ -406,7 +406,6 @@ fn exchange(
 fn receive(c: &mut Criterion) {
     use rtc::peer_connection::message::RTCMessage;
     use rtc::sansio::Protocol;
-    use rtc::shared::marshal::Marshal;
     let mut group = c.benchmark_group("receive");
     group.throughput(Throughput::Elements(1));
     let (mut client, mut server) = connected_pair();
@@ -417,26 +416,7 @@ fn receive(c: &mut Criterion) {
         b.iter_batched(
             || {
                 seq = seq.wrapping_add(1);
-                let header = rtc::rtp::header::Header {
-                    version: 2,
-                    payload_type: 96,
-                    sequence_number: seq,
-                    timestamp: seq as u32 * 3000,
-                    ssrc: PUBLISHER_SSRC,
-                    ..Default::default()
-                };
-                let plain = rtc::rtp::packet::Packet {
-                    header,
-                    payload: payload.clone(),
-                }
-                .marshal()
-                .unwrap();
-                let protected = client
-                    .local_srtp_context()
-                    .unwrap()
-                    .encrypt_rtp(&plain)
-                    .unwrap();
-                bytes::BytesMut::from(&protected[..])
+                publisher_datagram(&mut client, seq, &payload)
             },
             |datagram| {
                 sent += 1;
@@ -472,25 +452,7 @@ fn receive(c: &mut Criterion) {
         b.iter_batched(
             || {
                 seq = seq.wrapping_add(1);
-                let header = rtc::rtp::header::Header {
-                    version: 2,
-                    payload_type: 96,
-                    sequence_number: seq,
-                    timestamp: seq as u32 * 3000,
-                    ssrc: PUBLISHER_SSRC,
-                    ..Default::default()
-                };
-                let plain = rtc::rtp::packet::Packet {
-                    header,
-                    payload: payload.clone(),
-                }
-                .marshal()
-                .unwrap();
-                client
-                    .local_srtp_context()
-                    .unwrap()
-                    .encrypt_rtp(&plain)
-                    .unwrap()
+                publisher_datagram(&mut client, seq, &payload)
             },
             |datagram| {
                 sent += 1;
@@ -508,6 +470,34 @@ fn receive(c: &mut Criterion) {
     });
     group.finish();
     assert_eq!(got, sent, "every packet taken by the lean path");
+}
+
+/// Packet `seq` of the publisher's video, SRTP-protected by the client as it would send it.
+fn publisher_datagram(
+    client: &mut rtc::peer_connection::RTCPeerConnection,
+    seq: u16,
+    payload: &Bytes,
+) -> bytes::BytesMut {
+    use rtc::shared::marshal::Marshal;
+    let header = rtc::rtp::header::Header {
+        version: 2,
+        payload_type: 96,
+        sequence_number: seq,
+        timestamp: seq as u32 * 3000,
+        ssrc: PUBLISHER_SSRC,
+        ..Default::default()
+    };
+    let plain = rtc::rtp::packet::Packet {
+        header,
+        payload: payload.clone(),
+    }
+    .marshal()
+    .unwrap();
+    client
+        .local_srtp_context()
+        .unwrap()
+        .encrypt_rtp(&plain)
+        .unwrap()
 }
 
 criterion_group!(benches, fanout, srtp, egress, demux, receive);

@@ -252,3 +252,76 @@ async fn an_unwritable_recording_fails_alone_and_the_webhook_says_why() {
     server.shutdown().await;
     let _ = std::fs::remove_file(&blocker);
 }
+
+/// A disk that fills up during a call: the recording stops with the reason in its webhook, and
+/// the call goes on. The server runs with its recording directory on a 64 KiB tmpfs of its own
+/// (a private mount namespace, gone with the process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_recording_alone_and_the_webhook_says_why() {
+    let receiver = Receiver::default();
+    let url = receiver.start().await;
+    let dir = std::env::temp_dir().join(format!("switchboard-full-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A keyframe every 5 frames: bob's video starts within 170 ms of his joining.
+    let source = dir.join("source");
+    let media = Arc::new(common::media::encode_with_keyframes_every(&source, 4, 5));
+    let mount_point = dir.join("rec");
+    std::fs::create_dir_all(&mount_point).unwrap();
+    let mount = format!(
+        "mount -t tmpfs -o size=64k tmpfs '{}' && exec \"$@\"",
+        mount_point.display()
+    );
+    let urls = format!("[\"{url}\"]");
+    let server = common::Process::spawn_under(
+        &["unshare", "-m", "sh", "-c", &mount, "sh"],
+        &["--record-dir", mount_point.to_str().unwrap()],
+        &[
+            ("SWITCHBOARD_WEBHOOK__URLS", &urls),
+            ("SWITCHBOARD_WEBHOOK__SECRET", SECRET),
+            ("SWITCHBOARD_RECORDING__ROOMS", "[\"*\"]"),
+        ],
+    );
+    let go = Arc::new(tokio::sync::Notify::new());
+    let options = common::peer::Options {
+        publish: true,
+        hold_media: Some(go.clone()),
+        encoded: Some(media.clone()),
+        ..Default::default()
+    };
+    let alice = TestPeer::join_with(server.addr, "alice", "full", 1, options).await;
+    let bob = TestPeer::join(server.addr, "bob", "full", 2, false).await;
+    let up = eventually(Duration::from_secs(10), || {
+        let states = alice.observed.states.lock().unwrap();
+        states.iter().any(|s| s == "publisher Connected")
+    })
+    .await;
+    assert!(up, "{}", alice.summary());
+    go.notify_one();
+    // 4 s of 300 kbit/s video: the 64 KiB are full after about 2 s; bob gets it all the same
+    // (bar the first few frames before his subscription is up).
+    let all = media.video.iter().map(Vec::len).sum::<usize>() as u64;
+    let delivered = eventually(Duration::from_secs(15), || {
+        let video = bob
+            .tracks_from("alice")
+            .into_iter()
+            .find(|r| r.kind == "video");
+        video.is_some_and(|v| v.packets as u64 >= all * 85 / 100)
+    })
+    .await;
+    assert!(delivered, "the call goes on: {}", bob.summary());
+    alice.close().await;
+    let told = eventually(Duration::from_secs(10), || {
+        receiver.events().iter().any(|e| {
+            e["event"] == "recording_finished"
+                && e["recording"]["path"].is_null()
+                && e["recording"]["error"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("space"))
+        })
+    })
+    .await;
+    assert!(told, "{:#?}\n{}", receiver.events(), server.log());
+    bob.close().await;
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

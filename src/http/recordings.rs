@@ -41,12 +41,9 @@ async fn select(
     body: Result<Json<Selection>, JsonRejection>,
     start: bool,
 ) -> Response {
-    if let Some(refused) = refusal(&http, &headers) {
-        return refused;
-    }
-    let Json(selection) = match body {
+    let selection = match admitted(&http, &headers, body) {
         Ok(body) => body,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+        Err(refused) => return *refused,
     };
     if selection.room_id.is_empty() {
         return error(StatusCode::BAD_REQUEST, "roomId must not be empty");
@@ -82,12 +79,9 @@ pub async fn egress_start(
     headers: HeaderMap,
     body: Result<Json<Egress>, JsonRejection>,
 ) -> Response {
-    if let Some(refused) = refusal(&http, &headers) {
-        return refused;
-    }
-    let Json(egress) = match body {
+    let egress = match admitted(&http, &headers, body) {
         Ok(body) => body,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+        Err(refused) => return *refused,
     };
     let (Some(host), Some(port)) = (egress.host, egress.port.filter(|p| *p > 0)) else {
         return error(
@@ -122,16 +116,26 @@ pub async fn egress_stop(
     headers: HeaderMap,
     body: Result<Json<Egress>, JsonRejection>,
 ) -> Response {
-    if let Some(refused) = refusal(&http, &headers) {
-        return refused;
-    }
-    let Json(egress) = match body {
+    let egress = match admitted(&http, &headers, body) {
         Ok(body) => body,
-        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+        Err(refused) => return *refused,
     };
     let user = egress.user_id.as_deref().filter(|u| !u.is_empty());
     http.signal.sfu.rtp_out(&egress.room_id, user, None).await;
     Json(json!({"roomId": egress.room_id, "userId": user, "tracks": []})).into_response()
+}
+
+/// The request's body, if it carries the API key and parses; else the answer refusing it.
+fn admitted<T>(
+    http: &Http,
+    headers: &HeaderMap,
+    body: Result<Json<T>, JsonRejection>,
+) -> Result<T, Box<Response>> {
+    if let Some(refused) = refusal(http, headers) {
+        return Err(Box::new(refused));
+    }
+    body.map(|Json(body)| body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &e.body_text())))
 }
 
 /// `None` if the request carries `Authorization: Bearer <api.key>`, else the answer refusing

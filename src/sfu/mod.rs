@@ -375,20 +375,14 @@ impl Sfu {
     /// now on, and for the tracks published now. Returns the room's tracks recorded afterwards.
     pub async fn record(&self, room: &str, user: Option<&str>, start: bool) -> Vec<TrackInfo> {
         self.shared.recordings.select(room, user, start);
-        let Some(l) = self.shared.directory().loop_of_room(room) else {
-            return Vec::new(); // no media session in the room yet
-        };
-        let (tx, rx) = oneshot::channel();
-        let sent = self.loops[l].send(Input::Command(Command::Record {
-            room: room.to_owned(),
-            user: user.map(str::to_owned),
+        let user = user.map(str::to_owned);
+        self.ask_room(room, |room, reply| Command::Record {
+            room,
+            user,
             start,
-            reply: tx,
-        }));
-        if !sent {
-            return Vec::new();
-        }
-        rx.await.unwrap_or_default()
+            reply,
+        })
+        .await
     }
 
     /// Starts (`to`: host and first port) or stops (`None`) RTP egress of the tracks a room (or
@@ -399,18 +393,28 @@ impl Sfu {
         user: Option<&str>,
         to: Option<(std::net::IpAddr, u16)>,
     ) -> Vec<crate::record::rtp_out::OutTrack> {
+        let user = user.map(str::to_owned);
+        self.ask_room(room, |room, reply| Command::RtpOut {
+            room,
+            user,
+            to,
+            reply,
+        })
+        .await
+    }
+
+    /// Asks the loop holding `room` (nothing to do, and an empty answer, if none does).
+    async fn ask_room<T: Default>(
+        &self,
+        room: &str,
+        make: impl FnOnce(String, oneshot::Sender<T>) -> Command,
+    ) -> T {
         let Some(l) = self.shared.directory().loop_of_room(room) else {
-            return Vec::new();
+            return T::default(); // no media session in the room yet
         };
         let (tx, rx) = oneshot::channel();
-        let sent = self.loops[l].send(Input::Command(Command::RtpOut {
-            room: room.to_owned(),
-            user: user.map(str::to_owned),
-            to,
-            reply: tx,
-        }));
-        if !sent {
-            return Vec::new();
+        if !self.loops[l].send(Input::Command(make(room.to_owned(), tx))) {
+            return T::default();
         }
         rx.await.unwrap_or_default()
     }

@@ -214,8 +214,22 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
+        Self::spawn_under(&[], args, env)
+    }
+
+    /// [`Process::spawn`] through `wrapper` (a command that ends by running the rest of its
+    /// arguments, such as `unshare -m sh -c '... && exec "$@"' sh`).
+    pub fn spawn_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Process {
         use std::io::{BufRead, BufReader};
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        let binary = env!("CARGO_BIN_EXE_switchboard");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.args(["--listen", "127.0.0.1:0", "--udp-port", "0"])
             .args(args)
             .env("RUST_LOG", "info")
