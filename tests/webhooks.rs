@@ -305,7 +305,7 @@ async fn a_full_disk_stops_the_recording_alone_and_the_webhook_says_why() {
             .tracks_from("alice")
             .into_iter()
             .find(|r| r.kind == "video");
-        video.is_some_and(|v| v.packets as u64 >= all * 85 / 100)
+        video.is_some_and(|v| v.packets >= all * 85 / 100)
     })
     .await;
     assert!(delivered, "the call goes on: {}", bob.summary());
