@@ -29,9 +29,17 @@ pub fn track_path(dir: &Path, meta: &TrackMeta) -> PathBuf {
 
 /// Path separators, control characters and a leading dot replaced by `_`; never empty.
 pub(super) fn file_safe(s: &str) -> String {
-    let mut out: String = s
+    // At most 60 bytes (whole characters): user, track and stamp stay under the 255-byte limit
+    // of a file name.
+    let mut end = 0;
+    for (i, c) in s.char_indices() {
+        if i + c.len_utf8() > 60 {
+            break;
+        }
+        end = i + c.len_utf8();
+    }
+    let mut out: String = s[..end]
         .chars()
-        .take(100)
         .map(|c| {
             if c == '/' || c == '\\' || c.is_control() || c == ':' {
                 '_'
@@ -61,20 +69,61 @@ fn utc_stamp(t: SystemTime) -> String {
 }
 
 /// The file sink for a track's codec, created under its `.part` name.
-pub fn track_file(dir: &Path, meta: &TrackMeta) -> std::io::Result<Box<dyn MediaSink>> {
-    let path = track_path(dir, meta);
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let part = part_path(&path);
-    let file = BufWriter::new(File::create(&part)?);
-    let out = Output { file, part, path };
-    Ok(match meta.codec {
+/// Returns the path the file will have (a new one: see [`create_unique`]).
+pub fn track_file(dir: &Path, meta: &TrackMeta) -> std::io::Result<(PathBuf, Box<dyn MediaSink>)> {
+    let (path, part, file) = create_unique(&track_path(dir, meta), false)?;
+    let out = Output {
+        file: BufWriter::new(file),
+        part,
+        path: path.clone(),
+    };
+    let sink: Box<dyn MediaSink> = match meta.codec {
         Codec::Opus => Box::new(OggOpus::new(out, meta.channels)?),
         Codec::Vp8 => Box::new(Ivf::new(out, *b"VP80", meta.clock_rate)?),
         Codec::Vp9 => Box::new(Ivf::new(out, *b"VP90", meta.clock_rate)?),
         Codec::H264 => Box::new(AnnexB { out, frames: 0 }),
-    })
+    };
+    Ok((path, sink))
+}
+
+/// Creates `<path>.part` for a recording that will become `path`, or `<stem>-2.<ext>` and so
+/// on when that name is taken (a recording started again within the same second): two
+/// recordings never write one file. Returns the final path, the `.part` path and the file.
+pub fn create_unique(path: &Path, readable: bool) -> std::io::Result<(PathBuf, PathBuf, File)> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let stem = path
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let ext = path
+        .extension()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    for n in 1..=100 {
+        let candidate = match n {
+            1 => path.to_path_buf(),
+            n => path.with_file_name(format!("{stem}-{n}.{ext}")),
+        };
+        let part = part_path(&candidate);
+        if candidate.exists() {
+            continue;
+        }
+        let opened = std::fs::OpenOptions::new()
+            .read(readable)
+            .write(true)
+            .create_new(true)
+            .open(&part);
+        match opened {
+            Ok(file) => return Ok((candidate, part, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free file name"))
 }
 
 fn part_path(path: &Path) -> PathBuf {
@@ -357,7 +406,7 @@ mod tests {
                 channels: 2,
                 started: SystemTime::now(),
             };
-            let sink = track_file(&dir, &meta).unwrap();
+            let (_, sink) = track_file(&dir, &meta).unwrap();
             assert!(
                 part_path(&track_path(&dir, &meta)).exists(),
                 "written as .part"
@@ -366,6 +415,28 @@ mod tests {
             let left: Vec<_> = std::fs::read_dir(dir.join("r")).unwrap().collect();
             assert!(left.is_empty(), "{codec:?}: {left:?}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_recording_started_again_within_the_second_gets_a_file_of_its_own() {
+        let dir = std::env::temp_dir().join(format!("switchboard-unique-{}", std::process::id()));
+        let meta = TrackMeta {
+            room: "r".into(),
+            user: "u".into(),
+            track_id: "t".into(),
+            codec: Codec::Opus,
+            clock_rate: 48_000,
+            channels: 2,
+            started: SystemTime::now(),
+        };
+        let (first, _a) = track_file(&dir, &meta).unwrap();
+        let (second, _b) = track_file(&dir, &meta).unwrap();
+        assert_ne!(first, second);
+        let name = second.file_name().unwrap().to_str().unwrap();
+        assert!(name.ends_with("-2.ogg"), "{name}");
+        let long = "é".repeat(100); // 200 bytes
+        assert!(file_safe(&long).len() <= 60 && file_safe(&long).chars().all(|c| c == 'é'));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -44,6 +44,8 @@ pub struct FrameAssembler {
     last: Option<(u32, u64)>,
     /// Frames left out after gaps (video, until a keyframe).
     pub skipped_frames: u64,
+    /// The newest packet's sequence number and timestamp.
+    newest: Option<(u16, u32)>,
 }
 
 impl FrameAssembler {
@@ -62,11 +64,19 @@ impl FrameAssembler {
             waiting_for_keyframe: codec.is_video(),
             last: None,
             skipped_frames: 0,
+            newest: None,
         }
     }
 
     /// One packet as the forwarding core rewrote it (any order within the window).
     pub fn push(&mut self, packet: rtp::Packet, now: Instant) {
+        let (seq, ts) = (packet.header.sequence_number, packet.header.timestamp);
+        let newer = self
+            .newest
+            .is_none_or(|(s, _)| seq.wrapping_sub(s) as i16 > 0);
+        if newer {
+            self.newest = Some((seq, ts));
+        }
         if self.codec.is_video() && self.codec.starts_keyframe(&packet.payload) {
             if self.keyframes.len() >= 8 {
                 self.keyframes.remove(0);
@@ -113,6 +123,24 @@ impl FrameAssembler {
                 keyframe,
             });
         }
+    }
+
+    /// The end of the stream: the frames still held, the last one included (the builder
+    /// releases a frame when the next begins, so an empty packet after it ends it).
+    pub fn finish(&mut self, now: Instant) -> Vec<AssembledFrame> {
+        if let Some((seq, ts)) = self.newest {
+            let end = rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    sequence_number: seq.wrapping_add(1),
+                    timestamp: ts.wrapping_add(1),
+                    ..Default::default()
+                },
+                payload: Bytes::new(),
+            };
+            self.push(end, now);
+        }
+        std::iter::from_fn(|| self.pop(now)).collect()
     }
 
     /// Whether video is skipped until a keyframe (the writer asks for one).

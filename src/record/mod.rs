@@ -60,7 +60,7 @@ impl Recordings {
             let mode = self.config.mode;
             if mode != RecordingMode::Participants {
                 let path = files::track_path(&self.config.dir, &meta);
-                let open = || files::track_file(&self.config.dir, &meta).map(|s| (path.clone(), s));
+                let open = || files::track_file(&self.config.dir, &meta);
                 sinks.extend(self.open_file(&meta, &path, open, &mut paths));
             }
             if mode != RecordingMode::Tracks && webm::supports(meta.codec) {
@@ -86,6 +86,11 @@ impl Recordings {
                         let ok = summary.errors.is_empty();
                         ok.then(|| paths.last().cloned()).flatten()
                     }),
+                    files: if summary.errors.is_empty() {
+                        paths.clone()
+                    } else {
+                        summary.files.clone()
+                    },
                     duration: summary.duration,
                     bytes: summary.bytes,
                     frames: summary.frames,
@@ -139,6 +144,7 @@ impl Recordings {
                     user: meta.user.clone(),
                     track_id: meta.track_id.clone(),
                     path: None,
+                    files: Vec::new(),
                     duration: Default::default(),
                     bytes: 0,
                     frames: 0,

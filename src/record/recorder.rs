@@ -10,7 +10,7 @@ use bytes::Bytes;
 use rtc::rtp;
 use tracing::{info, warn};
 
-use super::frames::FrameAssembler;
+use super::frames::{AssembledFrame, FrameAssembler};
 use super::sink::{Frame, MediaSink, TrackMeta};
 use crate::sfu::forward::RtpHeader;
 
@@ -152,22 +152,64 @@ impl Recorder {
     }
 }
 
+/// A track's sinks and what was given to them.
+struct Outlets<'a> {
+    meta: &'a TrackMeta,
+    sinks: Vec<Box<dyn MediaSink>>,
+    failed: Vec<bool>,
+    summary: Summary,
+    first_last: Option<(u64, u64)>,
+}
+
+impl Outlets<'_> {
+    /// One frame to every sink still working.
+    fn give(&mut self, frame: &AssembledFrame, capture_time: Option<f64>, arrival: Instant) {
+        let f = Frame {
+            data: &frame.data,
+            timestamp: frame.timestamp,
+            keyframe: frame.keyframe,
+            capture_time,
+            arrival,
+        };
+        for (sink, failed) in self.sinks.iter_mut().zip(self.failed.iter_mut()) {
+            if *failed {
+                continue;
+            }
+            if let Err(e) = sink.frame(&f) {
+                let m = self.meta;
+                warn!(room = %m.room, user = %m.user, track = %m.track_id, "recording failed: {e}");
+                self.summary.errors.push(e.to_string());
+                *failed = true;
+            }
+        }
+        self.summary.frames += 1;
+        self.summary.bytes += frame.data.len() as u64;
+        let first = self.first_last.map_or(frame.timestamp, |(first, _)| first);
+        self.first_last = Some((first, frame.timestamp));
+    }
+}
+
 /// The writer thread: packets in, frames out to every sink, until the queue closes.
 fn write(
     meta: &TrackMeta,
-    mut sinks: Vec<Box<dyn MediaSink>>,
+    sinks: Vec<Box<dyn MediaSink>>,
     rx: Receiver<Queued>,
     wants_keyframe: &AtomicBool,
     dropped: &AtomicU64,
 ) -> Summary {
     let mut assembler = FrameAssembler::new(meta.codec);
-    let mut summary = Summary::default();
-    let mut first_last: Option<(u64, u64)> = None;
-    let mut failed = vec![false; sinks.len()];
+    let mut out = Outlets {
+        meta,
+        failed: vec![false; sinks.len()],
+        sinks,
+        summary: Summary::default(),
+        first_last: None,
+    };
     let mut clock = CaptureClock::default();
+    let mut arrival = Instant::now();
     while let Ok(q) = rx.recv() {
         let now = Instant::now();
-        let (packet, arrival) = match q {
+        let packet = match q {
             Queued::SenderReport { ssrc, ntp, rtp } => {
                 clock.report(ssrc, ntp, rtp);
                 continue;
@@ -179,8 +221,9 @@ fn write(
                 payload,
                 source_ssrc,
                 source_timestamp,
-                arrival,
+                arrival: at,
             } => {
+                arrival = at;
                 clock.current = Some((source_ssrc, timestamp.wrapping_sub(source_timestamp)));
                 let header = rtp::header::Header {
                     version: 2,
@@ -189,37 +232,30 @@ fn write(
                     timestamp,
                     ..Default::default()
                 };
-                (rtp::Packet { header, payload }, arrival)
+                rtp::Packet { header, payload }
             }
         };
         assembler.push(packet, now);
         while let Some(frame) = assembler.pop(now) {
-            let f = Frame {
-                data: &frame.data,
-                timestamp: frame.timestamp,
-                keyframe: frame.keyframe,
-                capture_time: clock.capture_time(frame.rtp_timestamp, meta.clock_rate),
-                arrival,
-            };
-            for (sink, failed) in sinks.iter_mut().zip(failed.iter_mut()) {
-                if *failed {
-                    continue;
-                }
-                if let Err(e) = sink.frame(&f) {
-                    warn!(room = %meta.room, user = %meta.user, track = %meta.track_id, "recording failed: {e}");
-                    summary.errors.push(e.to_string());
-                    *failed = true;
-                }
-            }
-            summary.frames += 1;
-            summary.bytes += frame.data.len() as u64;
-            let (first, _) = first_last.get_or_insert((frame.timestamp, frame.timestamp));
-            first_last = Some((*first, frame.timestamp));
+            let capture = clock.capture_time(frame.rtp_timestamp, meta.clock_rate);
+            out.give(&frame, capture, arrival);
         }
         if assembler.needs_keyframe() {
             wants_keyframe.store(true, Ordering::Relaxed);
         }
     }
+    // The queue closed: what the assembler still holds, the last frame included.
+    for frame in assembler.finish(Instant::now()) {
+        let capture = clock.capture_time(frame.rtp_timestamp, meta.clock_rate);
+        out.give(&frame, capture, arrival);
+    }
+    let Outlets {
+        sinks,
+        failed,
+        mut summary,
+        first_last,
+        ..
+    } = out;
     summary.skipped_frames = assembler.skipped_frames;
     if summary.frames == 0 {
         summary

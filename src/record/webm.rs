@@ -54,6 +54,8 @@ pub fn participant_path(dir: &Path, meta: &TrackMeta) -> PathBuf {
 #[derive(Clone)]
 pub struct ParticipantFile {
     muxer: Arc<Mutex<Muxer>>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    path: PathBuf,
 }
 
 struct TrackInfo {
@@ -102,21 +104,12 @@ struct Muxer {
 impl ParticipantFile {
     /// Creates `<path>.part`; the header is written once the tracks are known.
     pub fn create(path: PathBuf) -> std::io::Result<ParticipantFile> {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let mut name = path.file_name().unwrap_or_default().to_os_string();
-        name.push(".part");
-        let part = path.with_file_name(name);
         // Readable too: the Duration written in the header is found again by reading it back.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&part)?;
+        let (path, part, file) = super::files::create_unique(&path, true)?;
         let file = BufWriter::new(file);
         Ok(ParticipantFile {
+            done: Default::default(),
+            path: path.clone(),
             muxer: Arc::new(Mutex::new(Muxer {
                 writer: Some(WebmWriter::new(file)),
                 part,
@@ -142,7 +135,8 @@ impl ParticipantFile {
             return None;
         }
         let mut m = self.muxer.lock().unwrap_or_else(|e| e.into_inner());
-        if m.zero.is_some() {
+        // One-byte track numbers in the blocks: at most 126 tracks.
+        if m.zero.is_some() || m.tracks.len() >= 126 {
             return None;
         }
         m.tracks.push(TrackInfo {
@@ -165,14 +159,13 @@ impl ParticipantFile {
 
     /// Where the file goes when complete.
     pub fn path(&self) -> PathBuf {
-        let m = self.muxer.lock().unwrap_or_else(|e| e.into_inner());
-        m.path.clone()
+        self.path.clone()
     }
 
-    /// Whether every track's sink has finished (the file is complete or gone).
+    /// Whether every track's sink has finished (the file is complete or gone). Read without
+    /// the muxer's lock, which a writer may hold through a slow disk write.
     pub fn is_done(&self) -> bool {
-        let m = self.muxer.lock().unwrap_or_else(|e| e.into_inner());
-        m.writer.is_none()
+        self.done.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -191,7 +184,11 @@ impl MediaSink for TrackSink {
         let mut m = self.file.muxer.lock().unwrap_or_else(|e| e.into_inner());
         m.tracks[self.track].finished = true;
         if m.tracks.iter().all(|t| t.finished) {
-            m.finish().map_err(std::io::Error::other)
+            let finished = m.finish();
+            self.file
+                .done
+                .store(true, std::sync::atomic::Ordering::Release);
+            finished.map_err(std::io::Error::other)
         } else {
             Ok(None) // the last track to finish completes the file
         }
@@ -212,6 +209,16 @@ impl Muxer {
         }
         if t.size.is_none() && frame.keyframe && t.codec == Codec::Vp8 {
             t.size = super::files::vp8_size(frame.data);
+        }
+        // A track whose first frame comes after the file started: placed now.
+        if let Some((zero, by_capture)) = self.zero
+            && self.tracks[track].origin.is_none()
+        {
+            let now = (self.tracks.iter().filter_map(|t| t.latest)).fold(0.0, f64::max);
+            self.tracks[track].origin = Some(match (by_capture, frame.capture_time) {
+                (true, Some(capture)) => capture - zero,
+                _ => now,
+            });
         }
         let pending = Pending {
             track,
@@ -268,11 +275,15 @@ impl Muxer {
         };
         let places: Vec<f64> = self.tracks.iter().filter_map(place).collect();
         let earliest = places.iter().copied().fold(f64::INFINITY, f64::min);
-        let latest = places.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        // All streams start together: the first moment every track has media (audio before
-        // video's first keyframe is left out), unless a track started much later.
-        let zero = if latest - earliest <= MAX_LEAD_SECONDS {
-            latest
+        let first_picture = (self.tracks.iter())
+            .filter(|t| t.codec.is_video())
+            .filter_map(place)
+            .fold(f64::INFINITY, f64::min);
+        // The file starts with the first picture (a video track starts on a keyframe, so
+        // nothing of it is ever cut): audio from before it is left out, unless that is more
+        // than MAX_LEAD_SECONDS of it. Without video, at the first frame.
+        let zero = if first_picture - earliest <= MAX_LEAD_SECONDS {
+            first_picture
         } else {
             earliest
         };

@@ -43,6 +43,8 @@ pub enum Event {
         track_id: String,
         /// The file written; `None` if it failed (then `error` says why).
         path: Option<PathBuf>,
+        /// Every file the track went into (its own, and its participant's WebM).
+        files: Vec<PathBuf>,
         duration: Duration,
         bytes: u64,
         frames: u64,
@@ -99,6 +101,7 @@ impl Event {
                 user,
                 track_id,
                 path,
+                files,
                 duration,
                 bytes,
                 frames,
@@ -107,7 +110,8 @@ impl Event {
             } => json!({
                 "room": room, "userId": user,
                 "recording": {
-                    "trackId": track_id, "path": path, "durationMs": duration.as_millis() as u64,
+                    "trackId": track_id, "path": path, "files": files,
+                    "durationMs": duration.as_millis() as u64,
                     "bytes": bytes, "frames": frames, "droppedPackets": dropped_packets,
                     "error": error,
                 },

@@ -174,7 +174,6 @@ impl MediaState {
             recording: None,
             rtp_out: Vec::new(),
         });
-        self.start_recording(t);
         self.conns[key].forward_source(ssrc, init.receiver_id, t);
         let r = self.rooms.entry(room.clone()).or_default();
         r.tracks.push(t);
@@ -184,6 +183,8 @@ impl MediaState {
             room_id: room,
             track: self.tracks[t].info(),
         });
+        // After the announcement: recording_started follows track_published.
+        self.start_recording(t);
         for other in others {
             self.add_down(&other, t, now);
         }
@@ -203,7 +204,11 @@ impl MediaState {
                 continue;
             }
             match (start, track.recording.as_ref().is_some_and(|r| r.to_file)) {
-                (true, false) => self.start_recording(t),
+                (true, false) => {
+                    // A recording for registered sinks only is replaced by one with files too.
+                    self.stop_recording(t);
+                    self.start_recording(t);
+                }
                 // A room stopped stops every track; a participant stopped keeps a room rule.
                 (false, true) if !self.shared.recordings.records(room, &track.owner.clone()) => {
                     self.stop_recording(t)
