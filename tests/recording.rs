@@ -700,14 +700,13 @@ async fn a_participant_file_holds_its_audio_and_video_together() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The participant file's timeline comes from the capture clock: when the video's first frame was
-/// captured 300 ms after the audio's, the file starts with the audio captured at that moment
-/// (the first 300 ms of audio are left out), whatever the RTP timestamps and arrival times say.
-#[test]
-fn participant_files_place_tracks_by_their_capture_time() {
+/// Writes a participant file from 2 s of audio and 50 video frames whose capture starts
+/// `video_after` seconds after the audio's (negative: before); returns it and the number of
+/// audio packets in it.
+fn participant_file_with_video_after(name: &str, video_after: f64) -> (PathBuf, usize) {
     use switchboard::record::webm::ParticipantFile;
     use switchboard::sfu::forward::Codec;
-    let dir = temp_dir("webm-sync");
+    let dir = temp_dir(name);
     let meta = |track: &str, codec: Codec, clock_rate: u32, channels: u16| TrackMeta {
         room: "r".into(),
         user: "u".into(),
@@ -719,9 +718,7 @@ fn participant_files_place_tracks_by_their_capture_time() {
     };
     let source = media::encode(&dir.join("source"), 2);
     // The VP8 frames again, whole (the payloads without their one-byte descriptors).
-    let frames: Vec<Vec<u8>> = source
-        .video
-        .iter()
+    let frames: Vec<Vec<u8>> = (source.video.iter())
         .map(|packets| packets.iter().flat_map(|p| p[1..].to_vec()).collect())
         .collect();
     let path = dir.join("u-av.webm");
@@ -731,25 +728,23 @@ fn participant_files_place_tracks_by_their_capture_time() {
     let arrival = std::time::Instant::now();
     let capture = 3_900_000_000.0; // some NTP time
     for n in 0..100u64 {
-        audio
-            .frame(&Frame {
-                data: &source.audio[n as usize],
-                timestamp: n * 960,
-                keyframe: true,
-                capture_time: Some(capture + n as f64 * 0.02),
-                arrival,
-            })
-            .unwrap();
+        let audio_frame = Frame {
+            data: &source.audio[n as usize],
+            timestamp: n * 960,
+            keyframe: true,
+            capture_time: Some(capture + n as f64 * 0.02),
+            arrival,
+        };
+        audio.frame(&audio_frame).unwrap();
         if n < 50 {
-            video
-                .frame(&Frame {
-                    data: &frames[n as usize],
-                    timestamp: n * 3000,
-                    keyframe: n % 30 == 0,
-                    capture_time: Some(capture + 0.3 + n as f64 / 30.0),
-                    arrival,
-                })
-                .unwrap();
+            let video_frame = Frame {
+                data: &frames[n as usize],
+                timestamp: n * 3000,
+                keyframe: n % 30 == 0,
+                capture_time: Some(capture + video_after + n as f64 / 30.0),
+                arrival,
+            };
+            video.frame(&video_frame).unwrap();
         }
     }
     assert_eq!(
@@ -758,13 +753,6 @@ fn participant_files_place_tracks_by_their_capture_time() {
         "the last track completes the file"
     );
     assert_eq!(video.finish().unwrap(), Some(path.clone()));
-    let starts = stream_starts(&path);
-    let codecs: Vec<&str> = starts.iter().map(|s| s.0.as_str()).collect();
-    assert_eq!(codecs, ["opus", "vp8"]);
-    assert!(
-        starts.iter().all(|s| s.1.abs() < 0.01),
-        "both start at 0: {starts:?}"
-    );
     let audio_packets = Command::new("ffprobe")
         .args([
             "-v",
@@ -780,11 +768,39 @@ fn participant_files_place_tracks_by_their_capture_time() {
         .unwrap()
         .stdout;
     let audio_packets = String::from_utf8_lossy(&audio_packets).lines().count();
+    assert_eq!(decode_errors(&path), "", "{name}");
+    (path, audio_packets)
+}
+
+/// The participant file's timeline comes from the capture clock, whatever the RTP timestamps
+/// and arrival times say: when the video's first frame was captured 300 ms after the audio's,
+/// the file starts with the audio captured at that moment (the first 300 ms of audio are left
+/// out); when it was captured 200 ms before, the video starts the file and the audio follows
+/// 200 ms later, nothing cut (a file starting with frames that need a keyframe it lacks would
+/// not decode cleanly).
+#[test]
+fn participant_files_place_tracks_by_their_capture_time() {
+    let (path, audio_packets) = participant_file_with_video_after("webm-video-later", 0.3);
+    let starts = stream_starts(&path);
+    let codecs: Vec<&str> = starts.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(codecs, ["opus", "vp8"]);
+    assert!(
+        starts.iter().all(|s| s.1.abs() < 0.01),
+        "both start at 0: {starts:?}"
+    );
     assert_eq!(
         audio_packets,
         100 - 15,
         "the audio captured before the first picture is left out"
     );
-    assert_eq!(decode_errors(&path), "");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+
+    let (path, audio_packets) = participant_file_with_video_after("webm-video-first", -0.2);
+    let starts = stream_starts(&path);
+    assert!(
+        (starts[0].1 - 0.2).abs() < 0.01 && starts[1].1.abs() < 0.01,
+        "{starts:?}"
+    );
+    assert_eq!(audio_packets, 100, "no audio left out");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
