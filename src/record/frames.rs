@@ -1,18 +1,20 @@
-//! Packets to frames: reordering within a window and depacketizing, with webrtc-rs's sample
-//! builder and depacketizers. After a gap a video track waits for its next keyframe, so a
-//! file never holds a frame that references one it lacks.
+//! Packets to frames: a small reorder window by sequence number, then webrtc-rs's
+//! depacketizers. After a gap a video track waits for its next keyframe, so a file never holds a
+//! frame that references one it lacks. (webrtc-rs's sample builder does the same with two
+//! 65536-slot arrays per track, about 13 MB; this holds only the packets in the window.)
 
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use rtc::media::io::sample_builder::SampleBuilder;
+use bytes::{Bytes, BytesMut};
 use rtc::rtp;
 use rtc::rtp::codec::{h264::H264Packet, opus::OpusPacket, vp8::Vp8Packet, vp9::Vp9Packet};
+use rtc::rtp::packetizer::Depacketizer;
 
 use crate::sfu::forward::Codec;
 
 /// Packets held back waiting for a missing one before it is given up.
-const REORDER_PACKETS: u16 = 128;
+const REORDER_PACKETS: usize = 128;
 /// ... or for this long.
 const REORDER_TIME: Duration = Duration::from_millis(500);
 
@@ -26,126 +28,192 @@ pub struct AssembledFrame {
     pub keyframe: bool,
 }
 
-enum Builder {
-    Opus(SampleBuilder<OpusPacket>),
-    Vp8(SampleBuilder<Vp8Packet>),
-    Vp9(SampleBuilder<Vp9Packet>),
-    H264(SampleBuilder<H264Packet>),
-}
-
 pub struct FrameAssembler {
     codec: Codec,
-    builder: Builder,
-    /// RTP timestamps of frames that start with a keyframe (the last few).
-    keyframes: Vec<u32>,
+    depacketizer: Box<dyn Depacketizer + Send>,
+    /// Packets waiting, by extended sequence number, with their arrival.
+    window: BTreeMap<u64, (rtp::Packet, Instant)>,
+    /// The extended sequence number of the next packet to take.
+    next: Option<u64>,
+    /// The newest extended sequence number (sequence numbers wrap at 16 bits).
+    newest: Option<u64>,
+    /// Packets were lost since the last frame.
+    lost: bool,
     /// After a gap: video frames are skipped until a keyframe.
     waiting_for_keyframe: bool,
-    /// Unwrapping: the last timestamp and its extended value.
+    /// Unwrapping timestamps: the last one and its extended value.
     last: Option<(u32, u64)>,
+    ready: VecDeque<AssembledFrame>,
     /// Frames left out after gaps (video, until a keyframe).
     pub skipped_frames: u64,
-    /// The newest packet's sequence number and timestamp.
-    newest: Option<(u16, u32)>,
 }
 
 impl FrameAssembler {
     pub fn new(codec: Codec) -> Self {
-        let rate = codec.clock_rate();
-        let builder = match codec {
-            Codec::Opus => Builder::Opus(sample_builder(OpusPacket, rate)),
-            Codec::Vp8 => Builder::Vp8(sample_builder(Vp8Packet::default(), rate)),
-            Codec::Vp9 => Builder::Vp9(sample_builder(Vp9Packet::default(), rate)),
-            Codec::H264 => Builder::H264(sample_builder(H264Packet::default(), rate)),
+        let depacketizer: Box<dyn Depacketizer + Send> = match codec {
+            Codec::Opus => Box::new(OpusPacket),
+            Codec::Vp8 => Box::new(Vp8Packet::default()),
+            Codec::Vp9 => Box::new(Vp9Packet::default()),
+            Codec::H264 => Box::new(H264Packet::default()),
         };
         FrameAssembler {
             codec,
-            builder,
-            keyframes: Vec::new(),
+            depacketizer,
+            window: BTreeMap::new(),
+            next: None,
+            newest: None,
+            lost: false,
             waiting_for_keyframe: codec.is_video(),
             last: None,
+            ready: VecDeque::new(),
             skipped_frames: 0,
-            newest: None,
         }
     }
 
     /// One packet as the forwarding core rewrote it (any order within the window).
     pub fn push(&mut self, packet: rtp::Packet, now: Instant) {
-        let (seq, ts) = (packet.header.sequence_number, packet.header.timestamp);
-        let newer = self
-            .newest
-            .is_none_or(|(s, _)| seq.wrapping_sub(s) as i16 > 0);
-        if newer {
-            self.newest = Some((seq, ts));
-        }
-        if self.codec.is_video() && self.codec.starts_keyframe(&packet.payload) {
-            if self.keyframes.len() >= 8 {
-                self.keyframes.remove(0);
+        let seq = packet.header.sequence_number;
+        // Extended: counted from 2^32 so that packets just before the first still fit.
+        let ext = match self.newest {
+            None => (1 << 32) + seq as u64,
+            Some(newest) => {
+                newest.wrapping_add_signed(seq.wrapping_sub(newest as u16) as i16 as i64)
             }
-            self.keyframes.push(packet.header.timestamp);
+        };
+        if self.newest.is_none_or(|n| ext > n) {
+            self.newest = Some(ext);
         }
-        match &mut self.builder {
-            Builder::Opus(b) => b.push(now, packet),
-            Builder::Vp8(b) => b.push(now, packet),
-            Builder::Vp9(b) => b.push(now, packet),
-            Builder::H264(b) => b.push(now, packet),
+        let next = *self.next.get_or_insert(ext);
+        if ext < next || self.window.contains_key(&ext) {
+            return; // too late, or a duplicate
         }
+        self.window.insert(ext, (packet, now));
+        self.assemble(now, false);
     }
 
     /// The next complete frame, if any.
     pub fn pop(&mut self, now: Instant) -> Option<AssembledFrame> {
-        loop {
-            let sample = match &mut self.builder {
-                Builder::Opus(b) => b.pop(now),
-                Builder::Vp8(b) => b.pop(now),
-                Builder::Vp9(b) => b.pop(now),
-                Builder::H264(b) => b.pop(now),
-            }?;
-            if sample.data.is_empty() {
-                continue;
-            }
-            let ts = sample.packet_timestamp;
-            let keyframe = !self.codec.is_video() || self.keyframes.contains(&ts);
-            if self.codec.is_video() {
-                if sample.prev_dropped_packets > 0 {
-                    self.waiting_for_keyframe = true;
-                }
-                if self.waiting_for_keyframe && !keyframe {
-                    self.skipped_frames += 1;
-                    continue;
-                }
-                self.waiting_for_keyframe = false;
-            }
-            let timestamp = self.unwrap(ts);
-            return Some(AssembledFrame {
-                data: sample.data,
-                timestamp,
-                rtp_timestamp: ts,
-                keyframe,
-            });
-        }
+        self.assemble(now, false);
+        self.ready.pop_front()
     }
 
-    /// The end of the stream: the frames still held, the last one included (the builder
-    /// releases a frame when the next begins, so an empty packet after it ends it).
+    /// The end of the stream: every frame still complete in the window (what is missing
+    /// will not come any more).
     pub fn finish(&mut self, now: Instant) -> Vec<AssembledFrame> {
-        if let Some((seq, ts)) = self.newest {
-            let end = rtp::Packet {
-                header: rtp::header::Header {
-                    version: 2,
-                    sequence_number: seq.wrapping_add(1),
-                    timestamp: ts.wrapping_add(1),
-                    ..Default::default()
-                },
-                payload: Bytes::new(),
-            };
-            self.push(end, now);
-        }
-        std::iter::from_fn(|| self.pop(now)).collect()
+        self.assemble(now, true);
+        self.ready.drain(..).collect()
     }
 
     /// Whether video is skipped until a keyframe (the writer asks for one).
     pub fn needs_keyframe(&self) -> bool {
         self.waiting_for_keyframe
+    }
+
+    /// Takes every frame that can be taken now; `end`: nothing more will arrive.
+    fn assemble(&mut self, now: Instant, end: bool) {
+        while let (Some(next), Some((&first, (_, arrived)))) =
+            (self.next, self.window.first_key_value())
+        {
+            // Waited long enough for what is missing: it is lost.
+            let given_up = end
+                || self.window.len() >= REORDER_PACKETS
+                || now.saturating_duration_since(*arrived) >= REORDER_TIME;
+            if first > next {
+                if !given_up {
+                    return;
+                }
+                self.lost = true;
+                self.next = Some(first);
+                continue;
+            }
+            let head = &self.window[&first].0;
+            if !self.depacketizer.is_partition_head(&head.payload) {
+                // The middle of a frame whose start is gone.
+                self.window.remove(&first);
+                self.next = Some(first + 1);
+                self.lost = true;
+                continue;
+            }
+            // The frame: packets of the head's timestamp up to its last (marker) packet.
+            let timestamp = head.header.timestamp;
+            let mut last = None;
+            let mut k = first;
+            while let Some((p, _)) = self.window.get(&k) {
+                if p.header.timestamp != timestamp {
+                    last = Some(k - 1); // the next frame began: this one is whole
+                    break;
+                }
+                if self
+                    .depacketizer
+                    .is_partition_tail(p.header.marker, &p.payload)
+                {
+                    last = Some(k);
+                    break;
+                }
+                k += 1;
+            }
+            let Some(last) = last else {
+                if !given_up {
+                    return; // the rest of the frame is still to come
+                }
+                // Incomplete for good: dropped, and what follows the hole is taken next.
+                for s in first..k {
+                    self.window.remove(&s);
+                }
+                self.lost = true;
+                self.next = Some(k);
+                continue;
+            };
+            self.take_frame(first, last);
+        }
+    }
+
+    /// Depacketizes the packets `first..=last` (one frame) and queues the frame.
+    fn take_frame(&mut self, first: u64, last: u64) {
+        self.next = Some(last + 1);
+        let mut data = BytesMut::new();
+        let mut keyframe = !self.codec.is_video();
+        let mut timestamp = 0;
+        let mut broken = false;
+        for s in first..=last {
+            let Some((p, _)) = self.window.remove(&s) else {
+                broken = true;
+                continue;
+            };
+            if s == first {
+                timestamp = p.header.timestamp;
+                keyframe |= self.codec.starts_keyframe(&p.payload);
+            }
+            match self.depacketizer.depacketize(&p.payload) {
+                Ok(part) => data.extend_from_slice(&part),
+                Err(_) => broken = true,
+            }
+        }
+        if broken {
+            self.lost = true;
+            return;
+        }
+        if data.is_empty() {
+            return; // nothing to decode (padding)
+        }
+        if self.codec.is_video() {
+            if std::mem::take(&mut self.lost) {
+                self.waiting_for_keyframe = true;
+            }
+            if self.waiting_for_keyframe && !keyframe {
+                self.skipped_frames += 1;
+                return;
+            }
+            self.waiting_for_keyframe = false;
+        }
+        self.lost = false;
+        let extended = self.unwrap(timestamp);
+        self.ready.push_back(AssembledFrame {
+            data: data.freeze(),
+            timestamp: extended,
+            rtp_timestamp: timestamp,
+            keyframe,
+        });
     }
 
     /// The timestamp extended past 32-bit wraps, from the first frame's.
@@ -160,10 +228,6 @@ impl FrameAssembler {
         self.last = Some((ts, extended));
         extended
     }
-}
-
-fn sample_builder<T: rtp::packetizer::Depacketizer>(d: T, rate: u32) -> SampleBuilder<T> {
-    SampleBuilder::new(REORDER_PACKETS, d, rate).with_max_time_delay(REORDER_TIME)
 }
 
 #[cfg(test)]
@@ -216,10 +280,11 @@ mod tests {
     #[test]
     fn after_a_lost_packet_video_waits_for_a_keyframe() {
         let mut a = FrameAssembler::new(Codec::Vp8);
-        let now = Instant::now();
+        let start = Instant::now();
         let mut frames = Vec::new();
-        // Over half a second of frames, so the builder gives up waiting for the lost packet.
+        // 30 frames a second for one second: the lost packet is given up 500 ms after it.
         for n in 0..30u16 {
+            let now = start + Duration::from_millis(33 * n as u64);
             for (k, p) in vp8_frame(n, n == 0 || n == 5).into_iter().enumerate() {
                 if n == 2 && k == 1 {
                     continue; // lost
@@ -235,5 +300,34 @@ mod tests {
             &[(0, true), (3000, false), (15000, true), (18000, false)]
         );
         assert_eq!(a.skipped_frames, 2, "frames 3 and 4: {kept:?}");
+        assert_eq!(kept.len(), 30 - 3, "every other frame: {kept:?}");
+    }
+
+    #[test]
+    fn sequence_numbers_wrap_and_the_last_frame_comes_out() {
+        let mut a = FrameAssembler::new(Codec::Opus);
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for n in 0..6u16 {
+            let p = rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    marker: n == 0,
+                    sequence_number: 65533u16.wrapping_add(n),
+                    timestamp: 960 * n as u32,
+                    ..Default::default()
+                },
+                payload: Bytes::from(vec![0xFC, n as u8]),
+            };
+            a.push(p, now);
+            out.extend(drain(&mut a, now));
+        }
+        out.extend(
+            a.finish(now)
+                .into_iter()
+                .map(|f| (f.timestamp, f.keyframe, f.data.to_vec())),
+        );
+        let stamps: Vec<u64> = out.iter().map(|f| f.0).collect();
+        assert_eq!(stamps, [0, 960, 1920, 2880, 3840, 4800]);
     }
 }
