@@ -507,6 +507,15 @@ async fn recordings_start_and_stop_through_the_api() {
         Some(2),
         "{answer}"
     );
+    // The room is told that one participant is recorded (the first time: the whole room).
+    let told = eventually(Duration::from_secs(5), || {
+        let started = bob.envelopes_of("recordingStarted");
+        started.len() == 2
+            && started[0]["data"].get("userId").is_none()
+            && started[1]["data"]["userId"] == "alice"
+    })
+    .await;
+    assert!(told, "{:?}", bob.envelopes_of("recordingStarted"));
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let (_, answer) = api(&server, "/api/recordings/stop", Some("the key"), alice_only).await;
     assert_eq!(

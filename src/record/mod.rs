@@ -175,6 +175,14 @@ impl Recordings {
         Ok((path, sink))
     }
 
+    /// Whether the whole room is recorded (by config or through the API), not only some of its
+    /// participants.
+    pub fn records_room(&self, room: &str) -> bool {
+        self.config.records(room)
+            || (self.selected.lock().unwrap_or_else(|e| e.into_inner()))
+                .contains(&(room.to_owned(), None))
+    }
+
     /// Whether `user`'s tracks in `room` are recorded to files (by config or through the API).
     pub fn records(&self, room: &str, user: &str) -> bool {
         if self.config.records(room) {

@@ -94,6 +94,7 @@ pub enum SfuEvent {
     /// A room's recording to files started (its first recorded track) or stopped (its last).
     Recording {
         room_id: String,
+        user_id: Option<String>,
         started: bool,
     },
     /// A member joined a room that is being recorded.
@@ -101,6 +102,7 @@ pub enum SfuEvent {
         user_id: String,
         session: String,
         room_id: String,
+        recorded_user: Option<String>,
     },
 }
 

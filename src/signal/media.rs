@@ -286,24 +286,36 @@ pub fn delivery(event: SfuEvent) -> Delivery {
             room_id,
             Envelope::ok("trackMuted", "track muted", json!(track)),
         ),
-        SfuEvent::Recording { room_id, started } => {
-            let envelope = recording_envelope(&room_id, started);
+        SfuEvent::Recording {
+            room_id,
+            user_id,
+            started,
+        } => {
+            let envelope = recording_envelope(&room_id, user_id.as_deref(), started);
             Delivery::Room(room_id, envelope)
         }
         SfuEvent::RecordingOngoing {
             user_id,
             session,
             room_id,
-        } => Delivery::Session(user_id, session, recording_envelope(&room_id, true)),
+            recorded_user,
+        } => {
+            let envelope = recording_envelope(&room_id, recorded_user.as_deref(), true);
+            Delivery::Session(user_id, session, envelope)
+        }
     }
 }
 
 /// PROTOCOL.md Part 3: `recordingStarted` / `recordingStopped` for a room's members.
-fn recording_envelope(room_id: &str, started: bool) -> Envelope<Value> {
+fn recording_envelope(room_id: &str, user_id: Option<&str>, started: bool) -> Envelope<Value> {
     let (kind, text) = if started {
         ("recordingStarted", "recording started")
     } else {
         ("recordingStopped", "recording stopped")
     };
-    Envelope::ok(kind, text, json!({"roomId": room_id, "fromUid": "sfu"}))
+    let mut data = json!({"roomId": room_id, "fromUid": "sfu"});
+    if let Some(user) = user_id {
+        data["userId"] = json!(user); // one participant is recorded, not the room
+    }
+    Envelope::ok(kind, text, data)
 }

@@ -141,6 +141,8 @@ pub struct Room {
     pub members: Vec<String>,
     /// Tracks being recorded to files (members are told when this leaves or returns to 0).
     pub recorded_tracks: usize,
+    /// The participant recorded, when only one is (not the room).
+    pub recorded_user: Option<String>,
     pub tracks: Vec<usize>,
     pub channels: Vec<usize>,
 }

@@ -244,11 +244,13 @@ impl MediaState {
         let r = self.rooms.entry(room.to_owned()).or_default();
         r.members.push(user.to_owned());
         let (tracks, channels) = (r.tracks.clone(), r.channels.clone());
-        if r.recorded_tracks > 0 {
+        let recorded = (r.recorded_tracks > 0).then(|| r.recorded_user.clone());
+        if let Some(recorded_user) = recorded {
             self.emit(SfuEvent::RecordingOngoing {
                 user_id: user.to_owned(),
                 session: session.to_owned(),
                 room_id: room.to_owned(),
+                recorded_user,
             });
         }
         info!(%user, %room, "media session started");

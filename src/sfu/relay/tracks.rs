@@ -297,9 +297,9 @@ impl MediaState {
             return;
         };
         track.forwarder.remove_down_track(RECORDING_DOWN_ID);
-        let room = track.room.clone();
+        let (room, owner) = (track.room.clone(), track.owner.clone());
         if recorder.to_file {
-            self.recording_changed(&room, -1);
+            self.recording_changed(&room, &owner, -1);
         }
         self.shared.recordings.finished(recorder);
     }
@@ -325,8 +325,8 @@ impl MediaState {
             return;
         };
         if recorder.to_file {
-            let room = track.room.clone();
-            self.recording_changed(&room, 1);
+            let (room, owner) = (track.room.clone(), track.owner.clone());
+            self.recording_changed(&room, &owner, 1);
         }
         let track = &mut self.tracks[t];
         track.recording = Some(recorder);
@@ -345,16 +345,23 @@ impl MediaState {
     }
 
     /// Counts a room's tracks recorded to files; its members hear when recording starts (the
-    /// first) and stops (the last).
-    fn recording_changed(&mut self, room: &str, change: isize) {
+    /// first) and stops (the last), with the participant's userId when only `owner` is
+    /// recorded, not the room.
+    fn recording_changed(&mut self, room: &str, owner: &str, change: isize) {
+        let whole_room = self.shared.recordings.records_room(room);
         let Some(r) = self.rooms.get_mut(room) else {
             return;
         };
         let before = r.recorded_tracks;
         r.recorded_tracks = before.saturating_add_signed(change);
         if (before == 0) != (r.recorded_tracks == 0) {
+            if before == 0 {
+                r.recorded_user = (!whole_room).then(|| owner.to_owned());
+            }
+            let user_id = r.recorded_user.clone();
             self.emit(SfuEvent::Recording {
                 room_id: room.to_owned(),
+                user_id,
                 started: before == 0,
             });
         }
