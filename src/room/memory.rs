@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::PoisonError;
 
 use async_trait::async_trait;
 use indexmap::IndexMap;
@@ -29,7 +30,7 @@ impl MemoryRegistry {
 
     /// Every current connection (what a store must hold after an outage).
     pub fn snapshot(&self) -> Vec<Member> {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let mut room_of: HashMap<(&str, &str), &str> = HashMap::new();
         for (room, users) in &inner.rooms {
             for (user, token) in users {
@@ -50,7 +51,7 @@ impl MemoryRegistry {
     }
 
     pub fn join_now(&self, m: &Member) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner.users.insert(m.user_id.clone(), m.token.clone());
         if let Some(room) = &m.room_id {
             inner
@@ -62,7 +63,7 @@ impl MemoryRegistry {
     }
 
     pub fn leave_now(&self, m: &Member) {
-        let mut inner = self.inner.lock().unwrap();
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if inner.users.get(&m.user_id) == Some(&m.token) {
             inner.users.remove(&m.user_id);
         }
@@ -79,7 +80,7 @@ impl MemoryRegistry {
     }
 
     pub fn members_now(&self, room_id: &str) -> RoomListing {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         inner
             .rooms
             .get(room_id)
@@ -99,7 +100,11 @@ impl MemoryRegistry {
     }
 
     pub fn is_online_now(&self, user_id: &str) -> bool {
-        self.inner.lock().unwrap().users.contains_key(user_id)
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .users
+            .contains_key(user_id)
     }
 }
 

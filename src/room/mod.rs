@@ -5,6 +5,7 @@ mod redis;
 mod registry;
 
 use std::collections::HashMap;
+use std::sync::PoisonError;
 use std::sync::{Arc, Mutex};
 
 pub use memory::MemoryRegistry;
@@ -44,7 +45,7 @@ impl<H: Clone> Rooms<H> {
         let previous = self
             .sessions
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(user_id.to_owned(), session);
         self.registry.join(&member).await;
         previous
@@ -53,7 +54,7 @@ impl<H: Clone> Rooms<H> {
     /// Removes a closed connection. Entries a newer connection of the user owns stay.
     pub async fn leave(&self, user_id: &str, room_id: Option<&str>, token: &str) {
         {
-            let mut sessions = self.sessions.lock().unwrap();
+            let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
             if sessions.get(user_id).is_some_and(|s| s.token == token) {
                 sessions.remove(user_id);
             }
@@ -68,7 +69,7 @@ impl<H: Clone> Rooms<H> {
 
     /// Forgets the user's connection here because a newer one exists on another node.
     pub fn evict(&self, user_id: &str, newer_token: &str) -> Option<Session<H>> {
-        let mut sessions = self.sessions.lock().unwrap();
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         match sessions.get(user_id) {
             Some(s) if s.token != newer_token => sessions.remove(user_id),
             _ => None,
@@ -79,24 +80,31 @@ impl<H: Clone> Rooms<H> {
     pub fn is_current(&self, user_id: &str, token: &str) -> bool {
         self.sessions
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .get(user_id)
             .is_some_and(|s| s.token == token)
     }
 
     /// The user's connection on this node.
     pub fn local(&self, user_id: &str) -> Option<Session<H>> {
-        self.sessions.lock().unwrap().get(user_id).cloned()
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(user_id)
+            .cloned()
     }
 
     pub fn local_count(&self) -> usize {
-        self.sessions.lock().unwrap().len()
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     pub fn local_handles(&self) -> Vec<H> {
         self.sessions
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .map(|s| s.handle.clone())
             .collect()
@@ -142,6 +150,26 @@ mod tests {
         assert_eq!(rooms.local("u"), None);
         assert!(rooms.members("R").await.is_empty());
         assert!(!rooms.is_online("u").await);
+    }
+
+    /// A panic while the session table is locked (a bug somewhere) must not make every later
+    /// join and leave on the node panic too.
+    #[tokio::test]
+    async fn a_panic_while_the_table_is_locked_does_not_take_the_node_down() {
+        let rooms = Arc::new(Rooms::new(Arc::new(MemoryRegistry::new())));
+        assert_eq!(rooms.join("u", session(1, Some("R"))).await, None);
+        let poisoner = rooms.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = poisoner.sessions.lock();
+            panic!("a bug while the table is locked");
+        })
+        .join();
+        assert!(panicked.is_err() && rooms.sessions.is_poisoned());
+        assert_eq!(rooms.local_count(), 1);
+        assert_eq!(rooms.join("v", session(2, Some("R"))).await, None);
+        rooms.leave("u", Some("R"), "n/1").await;
+        assert_eq!(rooms.local("v"), Some(session(2, Some("R"))));
+        assert!(rooms.is_current("v", "n/2"));
     }
 
     #[tokio::test]

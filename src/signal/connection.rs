@@ -3,6 +3,7 @@
 //! of its own, so a client's first events and even its disconnect can come before the set-up:
 //! events wait for it, and whichever of set-up and disconnect comes second tears down.
 
+use std::sync::PoisonError;
 use std::sync::{Arc, Mutex};
 
 use socketioxide::SocketIo;
@@ -71,7 +72,7 @@ pub async fn on_connect(s: SocketRef, State(app): State<App>) {
     let release = ReleaseOnDrop(&conn);
     set_up(&s, &app, &conn).await;
     let closed_early = {
-        let mut phase = conn.phase.lock().unwrap();
+        let mut phase = conn.phase.lock().unwrap_or_else(PoisonError::into_inner);
         if *phase == Phase::ClosedEarly {
             true
         } else {
@@ -133,7 +134,10 @@ pub(super) fn close_replaced(io: &SocketIo, sid: Sid, new_room: Option<String>) 
         return;
     };
     if let Some(conn) = old.extensions.get::<Arc<Conn>>() {
-        *conn.replaced_by.lock().unwrap() = Some(new_room);
+        *conn
+            .replaced_by
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(new_room);
         info!(user = %conn.user_id, sid = %sid, "replaced by a newer connection");
     }
     old.leave_all();
@@ -148,7 +152,7 @@ pub async fn on_disconnect(
     Extension(conn): Extension<Arc<Conn>>,
 ) {
     {
-        let mut phase = conn.phase.lock().unwrap();
+        let mut phase = conn.phase.lock().unwrap_or_else(PoisonError::into_inner);
         if *phase == Phase::SettingUp {
             // The set-up tears down when it ends (if it runs at all: socketioxide skips
             // `on_connect` when it could not send CONNECT). Events waiting for it give up.
@@ -173,7 +177,11 @@ async fn tear_down(s: &SocketRef, app: &App, conn: &Conn, reason: &str) {
         .leave(&conn.user_id, room, &conn.token)
         .await;
     app.sfu.leave(&conn.user_id, &conn.token).await;
-    let replaced_by = conn.replaced_by.lock().unwrap().clone();
+    let replaced_by = conn
+        .replaced_by
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     info!(user = %conn.user_id, room = ?room, sid = %s.id, reason, replaced = replaced_by.is_some(), "leave");
     let Some(room) = room else { return };
     // A replacement in the same room means the user never left it.
