@@ -45,6 +45,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SignalConfig {
     pub max_message_bytes: usize,
+    pub events_per_second: f64,
+    pub event_burst: u32,
+    pub disconnect_after_refused: u32,
     pub max_transport_bytes: u64,
     pub max_buffer_packets: usize,
 }

@@ -121,6 +121,7 @@ impl Server {
             )?,
             node_id: node_id.clone(),
             max_message_bytes: config.signal.max_message_bytes,
+            budget: signal::limits::EventBudget::from_config(&config.signal),
             webhooks,
         });
         let (sio_layer, io) = SocketIo::builder()

@@ -464,3 +464,81 @@ async fn thousands_of_rapid_connects_and_disconnects_leave_nothing_behind() {
     assert_eq!(v["status"], "ok");
     server.shutdown().await;
 }
+
+/// A client flooding events gets 429 envelopes past its budget, is disconnected if it keeps
+/// on, and a client in another room is not held up meanwhile.
+#[tokio::test]
+async fn a_flood_is_rate_limited_then_disconnected_and_others_go_on() {
+    let mut config = common::test_config();
+    config.signal.events_per_second = 20.0;
+    config.signal.event_burst = 20;
+    config.signal.disconnect_after_refused = 300;
+    let server = switchboard::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    let mut flooder = join(addr, "flood", Some("A")).await;
+    let mut calm = join(addr, "calm", Some("B")).await;
+
+    for n in 0..100 {
+        flooder.emit("msg", &json!({ "n": n })).unwrap();
+    }
+    // Meanwhile the calm client's own message comes back as usual.
+    let sent = std::time::Instant::now();
+    calm.emit("msg", &json!("still here")).unwrap();
+    calm.recv_event("msg", WAIT).await.unwrap();
+    println!(
+        "the calm client's round trip during the flood: {:?}",
+        sent.elapsed()
+    );
+
+    let (mut echoed, mut limited) = (0, 0);
+    while let Ok(Packet::Event { args, .. }) = flooder.recv(QUIET).await {
+        match args.first() {
+            Some(v) if v.get("n").is_some() => echoed += 1,
+            Some(v) if v["type"] == "error" => {
+                assert_eq!(
+                    (v["status"].as_u64(), v["msg"].as_str()),
+                    (Some(429), Some("rate limited"))
+                );
+                assert_eq!(v["data"]["event"], "msg");
+                limited += 1;
+            }
+            _ => {}
+        }
+    }
+    // The burst, plus what refilled while they were sent; every other one refused.
+    assert!((20..=40).contains(&echoed), "{echoed} relayed");
+    assert_eq!(echoed + limited, 100, "{echoed} relayed, {limited} refused");
+
+    // After a pause the budget is back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    flooder.emit("msg", &json!({ "n": "again" })).unwrap();
+    let again = flooder.recv_event("msg", WAIT).await.unwrap();
+    assert!(matches!(&again, Packet::Event { args, .. } if args[0]["n"] == "again"));
+
+    // Persistent abuse: disconnected.
+    for n in 0..400 {
+        if flooder.emit("msg", &json!({ "n": n })).is_err() {
+            break;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut closed = false;
+    while tokio::time::Instant::now() < deadline {
+        match flooder.recv(WAIT).await {
+            Err(ClientError::Closed) => {
+                closed = true;
+                break;
+            }
+            Ok(Packet::Disconnect) => {
+                closed = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(closed, "the flooder is disconnected");
+    // The calm client goes on.
+    calm.emit("msg", &json!("after")).unwrap();
+    calm.recv_event("msg", WAIT).await.unwrap();
+    server.shutdown().await;
+}

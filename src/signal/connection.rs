@@ -28,6 +28,8 @@ pub struct Conn {
     /// Set when the set-up is over: `true` once the connection is recorded and announced,
     /// `false` if it closed first.
     settled: tokio::sync::SetOnce<bool>,
+    /// The socket's event budget spent so far.
+    bucket: Mutex<super::limits::Bucket>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,12 @@ impl Conn {
     /// Waits until the connection is set up; `false`: it closed first, leave it alone.
     pub async fn ready(&self) -> bool {
         *self.settled.wait().await
+    }
+
+    /// Spends one event of the socket's budget.
+    pub fn spend(&self, budget: &super::limits::EventBudget) -> super::limits::Verdict {
+        let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
+        bucket.take(budget, std::time::Instant::now())
     }
 }
 
@@ -59,6 +67,7 @@ pub async fn authenticate(s: SocketRef, State(app): State<App>) -> Result<(), St
         replaced_by: Mutex::new(None),
         phase: Mutex::new(Phase::SettingUp),
         settled: tokio::sync::SetOnce::new(),
+        bucket: Default::default(),
     }));
     register_handlers(&s);
     Ok(())

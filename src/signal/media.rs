@@ -152,7 +152,7 @@ pub async fn on_media_event(
     if !conn.ready().await {
         return;
     }
-    let result = match accept(&app, incoming) {
+    let result = match accept(&app, &conn, incoming) {
         Ok(payload) => media_event(&event, &s, &app, &conn, payload).await,
         Err(r) => Err(r),
     };

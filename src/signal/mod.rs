@@ -4,6 +4,7 @@ mod connection;
 pub mod deliver;
 pub mod handshake;
 pub mod incoming;
+pub mod limits;
 pub mod media;
 pub mod protocol;
 
@@ -32,6 +33,8 @@ pub struct Signal {
     pub node_id: String,
     pub max_message_bytes: usize,
     pub webhooks: crate::webhook::Webhooks,
+    /// Each socket's event budget.
+    pub budget: limits::EventBudget,
 }
 
 pub(crate) type App = Arc<Signal>;
@@ -76,10 +79,15 @@ fn register_handlers(s: &SocketRef) {
 fn refuse(s: &SocketRef, event: &str, refusal: &Refusal) {
     debug!(sid = %s.id, event, "refused: {refusal}");
     let _ = s.emit("msg", &refusal.envelope(event));
+    if matches!(refusal, Refusal::RateLimited { abusive: true }) {
+        warn!(sid = %s.id, "disconnected: kept sending over its event budget");
+        let _ = s.clone().disconnect();
+    }
 }
 
-/// Checks the size limit and that the payload parsed at all.
-fn accept(app: &Signal, incoming: Incoming) -> Result<rmpv::Value, Refusal> {
+/// Checks the event budget, the size limit and that the payload parsed at all.
+fn accept(app: &Signal, conn: &Conn, incoming: Incoming) -> Result<rmpv::Value, Refusal> {
+    over_budget(app, conn)?;
     if incoming.size > app.max_message_bytes {
         return Err(Refusal::TooLarge {
             size: incoming.size,
@@ -99,7 +107,7 @@ async fn on_msg(
     if !conn.ready().await {
         return;
     }
-    let result = accept(&app, incoming).and_then(|payload| match &conn.room_id {
+    let result = accept(&app, &conn, incoming).and_then(|payload| match &conn.room_id {
         Some(room) => Ok((room, payload)),
         None => Err(Refusal::NoRoom),
     });
@@ -123,7 +131,7 @@ async fn on_room_user_list(
     if !conn.ready().await {
         return;
     }
-    let asked = accept(&app, incoming).and_then(|payload| {
+    let asked = accept(&app, &conn, incoming).and_then(|payload| {
         let room = protocol::required_str(&payload, "roomId")?;
         match conn.room_id.as_deref() {
             Some(own) if own == room => Ok(own.to_owned()),
@@ -163,7 +171,7 @@ async fn relay_directed(
     incoming: Incoming,
 ) {
     let event = kind.event();
-    let prepared = accept(app, incoming).and_then(|payload| {
+    let prepared = accept(app, conn, incoming).and_then(|payload| {
         let target = protocol::required_str(&payload, "targetUid")?.to_owned();
         Ok((target, payload))
     });
@@ -187,8 +195,24 @@ async fn relay_directed(
     }
 }
 
-async fn on_unknown(s: SocketRef, Event(event): Event) {
-    refuse(&s, &event, &Refusal::UnknownEvent);
+async fn on_unknown(
+    s: SocketRef,
+    Event(event): Event,
+    State(app): State<App>,
+    Extension(conn): Extension<Arc<Conn>>,
+) {
+    let refusal = over_budget(&app, &conn)
+        .err()
+        .unwrap_or(Refusal::UnknownEvent);
+    refuse(&s, &event, &refusal);
+}
+
+/// Spends one event of the socket's budget.
+fn over_budget(app: &Signal, conn: &Conn) -> Result<(), Refusal> {
+    match conn.spend(&app.budget) {
+        limits::Verdict::Accepted => Ok(()),
+        limits::Verdict::Refused { abusive } => Err(Refusal::RateLimited { abusive }),
+    }
 }
 
 /// Applies what other nodes ask for, and announces members of dead nodes as gone.

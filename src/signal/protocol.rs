@@ -116,6 +116,9 @@ pub enum Refusal {
     TooLarge { size: usize, limit: usize },
     #[error("unknown event")]
     UnknownEvent,
+    /// Over the socket's event budget; `abusive`: the socket is disconnected.
+    #[error("rate limited")]
+    RateLimited { abusive: bool },
     /// The SFU refused: its own status and reason.
     #[error("{reason}")]
     Media { status: u16, reason: String },
@@ -128,6 +131,7 @@ impl Refusal {
             Refusal::NotYourRoom { .. } | Refusal::NoRoom => 403,
             Refusal::Offline { .. } => 404,
             Refusal::TooLarge { .. } => 413,
+            Refusal::RateLimited { .. } => 429,
             Refusal::Media { status, .. } => *status,
         }
     }
