@@ -86,6 +86,8 @@ pub struct MediaConfig {
     pub ice_disconnected_ms: u64,
     pub ice_failed_ms: u64,
     pub data_channel_buffer_bytes: usize,
+    pub max_tracks_per_member: usize,
+    pub max_data_channels_per_member: usize,
 }
 
 impl MediaConfig {

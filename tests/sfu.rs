@@ -1032,3 +1032,47 @@ async fn a_track_id_another_member_publishes_is_refused() {
     m.close().await;
     server.shutdown().await;
 }
+
+/// A member publishing more tracks or data channels than allowed: the extra ones are refused
+/// with an error envelope naming the limit and counted; the rest is forwarded as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_past_the_member_limits_is_refused_and_counted() {
+    let mut config = common::test_config();
+    config.media.max_tracks_per_member = 1;
+    config.media.max_data_channels_per_member = 2;
+    let server = switchboard::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    // Alice publishes two tracks and three channels ("state", "cursor", "chat").
+    let a = TestPeer::join(addr, "alice", "R", 1, true).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
+    let refusals = |needle: &str| {
+        (a.envelopes_of("error").iter())
+            .filter(|e| e["status"] == 409 && e["data"]["event"] == "offer")
+            .filter(|e| e["msg"].as_str().is_some_and(|m| m.contains(needle)))
+            .count()
+    };
+    let refused = eventually(MEDIA_WAIT, || {
+        refusals("max_tracks_per_member") == 1 && refusals("max_data_channels_per_member") == 1
+    })
+    .await;
+    assert!(refused, "{:?}", a.envelopes_of("error"));
+    let forwarded = eventually(MEDIA_WAIT, || {
+        let tracks = b.tracks_from("alice");
+        let channels = b.observed.channels.lock().unwrap().len();
+        tracks.len() == 1 && tracks[0].packets >= 5 && channels == 2
+    })
+    .await;
+    assert!(forwarded, "{}", b.summary());
+    let media = &healthz(addr).await["media"];
+    assert_eq!(
+        (
+            media["tracksRefused"].as_u64(),
+            media["channelsRefused"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{media}"
+    );
+    a.close().await;
+    b.close().await;
+    server.shutdown().await;
+}

@@ -75,7 +75,9 @@ fn media_stats(sfu: &crate::sfu::Sfu) -> Value {
         "handoverDropped": s.handover_dropped.load(Relaxed),
         "wakeups": s.wakeups.load(Relaxed),
         "mediaReceived": s.media_received.load(Relaxed),
-        "mediaRejected": s.media_rejected.load(Relaxed),
+                "mediaRejected": s.media_rejected.load(Relaxed),
+        "tracksRefused": s.tracks_refused.load(Relaxed),
+        "channelsRefused": s.channels_refused.load(Relaxed),
     })
 }
 

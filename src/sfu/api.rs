@@ -77,7 +77,8 @@ pub enum SfuEvent {
         session: String,
         reason: &'static str,
     },
-    /// A track the member sent that is not forwarded, and why (an error envelope for `offer`).
+    /// A track or data channel the member sent that is not forwarded, and why (an error
+    /// envelope for `offer`).
     TrackRefused {
         user_id: String,
         session: String,
@@ -120,6 +121,10 @@ pub enum SfuError {
     NotYourTrack(String),
     #[error("track id {0} is already published by another member of the room; not forwarded")]
     TrackIdInUse(String),
+    #[error("too many tracks: media.max_tracks_per_member is {0}")]
+    TooManyTracks(usize),
+    #[error("too many data channels: media.max_data_channels_per_member is {0}")]
+    TooManyChannels(usize),
     #[error("media setup failed: {0}")]
     Internal(String),
 }

@@ -66,6 +66,9 @@ pub struct Stats {
     pub media_received: AtomicU64,
     /// ... and datagrams of bound sources it dropped: failed authentication, replays, malformed.
     pub media_rejected: AtomicU64,
+    /// Tracks and data channels refused because their member had published the most allowed.
+    pub tracks_refused: AtomicU64,
+    pub channels_refused: AtomicU64,
 }
 
 impl Stats {

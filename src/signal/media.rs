@@ -73,7 +73,10 @@ fn refusal(e: SfuError) -> Refusal {
         SfuError::BadSdp(_) | SfuError::BadCandidate(_) => 400,
         SfuError::NotYourTrack(_) => 403,
         SfuError::UnknownTrack(_) => 404,
-        SfuError::NoConnection(_) | SfuError::TrackIdInUse(_) => 409,
+        SfuError::NoConnection(_)
+        | SfuError::TrackIdInUse(_)
+        | SfuError::TooManyTracks(_)
+        | SfuError::TooManyChannels(_) => 409,
         SfuError::Internal(_) => 500,
     };
     Refusal::Media {

@@ -172,6 +172,9 @@ pub struct PeerSettings {
     certificate: RTCCertificate,
     ice_disconnected: Duration,
     ice_failed: Duration,
+    /// What one member may publish (`media.max_tracks_per_member`, `..._data_channels_...`).
+    pub max_tracks: usize,
+    pub max_channels: usize,
 }
 
 impl PeerSettings {
@@ -191,6 +194,8 @@ impl PeerSettings {
             certificate,
             ice_disconnected: Duration::from_millis(config.ice_disconnected_ms),
             ice_failed: Duration::from_millis(config.ice_failed_ms),
+            max_tracks: config.max_tracks_per_member,
+            max_channels: config.max_data_channels_per_member,
         })
     }
 

@@ -5,6 +5,7 @@
 //! `media.data_channel_buffer_bytes`: waiting would hold back everyone else, queuing would grow
 //! without bound.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -12,7 +13,7 @@ use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit, RTCDataChannelMess
 use tracing::{debug, info, warn};
 
 use super::{ChannelCopy, ChannelSource, MediaState};
-use crate::sfu::api::PcKind;
+use crate::sfu::api::{PcKind, SfuError, SfuEvent};
 use crate::sfu::peer::ConnKey;
 
 impl MediaState {
@@ -47,9 +48,37 @@ impl MediaState {
             protocol: user.clone(),
             negotiated: None,
         };
-        let Some(room) = self.members.get(&user).map(|m| m.room.clone()) else {
+        let Some((room, session)) = self
+            .members
+            .get(&user)
+            .map(|m| (m.room.clone(), m.session.clone()))
+        else {
             return;
         };
+        // A member opens at most `max_channels` (each is copied to every other member).
+        let opened = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.owner == user)
+            .count();
+        if opened >= self.settings.max_channels {
+            let limit = self.settings.max_channels;
+            if let Some(mut dc) = self.conns[key].pc.data_channel(id) {
+                let _ = dc.close();
+            }
+            self.mark_dirty(key);
+            self.shared
+                .stats
+                .channels_refused
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(%user, %label, limit, "data channel refused: too many data channels");
+            self.emit(SfuEvent::TrackRefused {
+                user_id: user,
+                session,
+                error: SfuError::TooManyChannels(limit),
+            });
+            return;
+        }
         let c = self.channels.insert(ChannelSource {
             owner: user.clone(),
             room: room.clone(),

@@ -2,6 +2,7 @@
 //! per-packet fan-out through the forwarding core into the subscribers' egress, keyframe
 //! requests and NACKs from subscribers, and unpublishing.
 
+use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -131,6 +132,31 @@ impl MediaState {
             self.conns[key].set_inbound(ssrc, None);
             return;
         };
+        // A member publishes at most `max_tracks` (each costs every other member a down-track).
+        let published = in_room
+            .iter()
+            .filter(|&&t| self.tracks[t].owner == user)
+            .count();
+        if published >= self.settings.max_tracks {
+            let limit = self.settings.max_tracks;
+            let conn = &mut self.conns[key];
+            conn.set_inbound(ssrc, None);
+            if conn.refused.contains(&track_id) {
+                return; // another layer of a track already refused
+            }
+            conn.refused.push(track_id.clone());
+            self.shared
+                .stats
+                .tracks_refused
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(%user, track = %track_id, limit, "track refused: too many tracks");
+            self.emit(SfuEvent::TrackRefused {
+                user_id: user.clone(),
+                session: member.session.clone(),
+                error: SfuError::TooManyTracks(limit),
+            });
+            return;
+        }
         // Subscribers tell tracks apart by id, so an id another member of the room publishes is
         // refused.
         if in_room.iter().any(|&t| self.tracks[t].track_id == track_id) {
