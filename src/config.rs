@@ -45,6 +45,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SignalConfig {
     pub max_message_bytes: usize,
+    pub max_room_members: usize,
     pub events_per_second: f64,
     pub event_burst: u32,
     pub disconnect_after_refused: u32,

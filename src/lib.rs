@@ -121,6 +121,7 @@ impl Server {
             )?,
             node_id: node_id.clone(),
             max_message_bytes: config.signal.max_message_bytes,
+            max_room_members: config.signal.max_room_members,
             budget: signal::limits::EventBudget::from_config(&config.signal),
             webhooks,
         });

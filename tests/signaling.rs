@@ -542,3 +542,27 @@ async fn a_flood_is_rate_limited_then_disconnected_and_others_go_on() {
     calm.recv_event("msg", WAIT).await.unwrap();
     server.shutdown().await;
 }
+
+/// A full room refuses one more member at the handshake, naming the limit; a member coming
+/// back and other rooms are not affected.
+#[tokio::test]
+async fn a_full_room_refuses_one_more_member() {
+    let mut config = common::test_config();
+    config.signal.max_room_members = 2;
+    let server = switchboard::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    let _a = join(addr, "a", Some("R")).await;
+    let _b = join(addr, "b", Some("R")).await;
+    match Client::connect(addr, &query("c", Some("R"))).await {
+        Err(ClientError::Refused(msg)) => {
+            assert!(msg.contains("signal.max_room_members is 2"), "{msg}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a third member got into a room of two"),
+    }
+    // b again (a second connection replaces the first): not a new member.
+    let _b_again = join(addr, "b", Some("R")).await;
+    let _c_elsewhere = join(addr, "c", Some("S")).await;
+    assert_eq!(healthz(addr).await["connections"], 3);
+    server.shutdown().await;
+}

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use socketioxide::SocketIo;
 use socketioxide::extract::{Extension, SocketRef, State};
 use socketioxide::socket::{DisconnectReason, Sid};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::deliver::room_channel;
 use super::{App, handshake, protocol, register_handlers};
@@ -59,6 +59,19 @@ impl Conn {
 pub async fn authenticate(s: SocketRef, State(app): State<App>) -> Result<(), String> {
     let query = s.req_parts().uri.query();
     let identity = handshake::identify(query).inspect_err(|e| debug!("handshake refused: {e}"))?;
+    if let Some(room) = &identity.room_id
+        && app.max_room_members > 0
+    {
+        let members = app.outbox.rooms.members(room).await;
+        let returning = members.iter().any(|(user, _)| *user == identity.user_id);
+        if members.len() >= app.max_room_members && !returning {
+            let limit = app.max_room_members;
+            warn!(room = %room, limit, "join refused: the room is full");
+            return Err(format!(
+                "room {room} is full: signal.max_room_members is {limit}"
+            ));
+        }
+    }
     let token = format!("{}/{}", app.node_id, s.id);
     s.extensions.insert(Arc::new(Conn {
         user_id: identity.user_id,

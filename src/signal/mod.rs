@@ -32,6 +32,8 @@ pub struct Signal {
     pub sfu: Arc<Sfu>,
     pub node_id: String,
     pub max_message_bytes: usize,
+    /// `signal.max_room_members` (0: no limit).
+    pub max_room_members: usize,
     pub webhooks: crate::webhook::Webhooks,
     /// Each socket's event budget.
     pub budget: limits::EventBudget,
