@@ -18,10 +18,14 @@ pub fn track_path(dir: &Path, meta: &TrackMeta) -> PathBuf {
         Codec::Vp8 | Codec::Vp9 => "ivf",
         Codec::H264 => "h264",
     };
+    recording_path(dir, meta, &file_safe(&meta.track_id), ext)
+}
+
+/// `<dir>/<room>/<userId>-<what>-<UTC start>.<ext>`: a recording of `meta`'s publisher.
+pub(super) fn recording_path(dir: &Path, meta: &TrackMeta, what: &str, ext: &str) -> PathBuf {
     let name = format!(
-        "{}-{}-{}.{ext}",
+        "{}-{what}-{}.{ext}",
         file_safe(&meta.user),
-        file_safe(&meta.track_id),
         utc_stamp(meta.started)
     );
     dir.join(file_safe(&meta.room)).join(name)
@@ -68,10 +72,10 @@ fn utc_stamp(t: SystemTime) -> String {
     )
 }
 
-/// The file sink for a track's codec, created under its `.part` name.
-/// Returns the path the file will have (a new one: see [`create_unique`]).
-pub fn track_file(dir: &Path, meta: &TrackMeta) -> std::io::Result<(PathBuf, Box<dyn MediaSink>)> {
-    let (path, part, file) = create_unique(&track_path(dir, meta), false)?;
+/// The file sink for a track's codec, created under the `.part` name of `path` (see
+/// [`track_path`]). Returns the path the file will have (a new one: see [`create_unique`]).
+pub fn track_file(path: &Path, meta: &TrackMeta) -> std::io::Result<(PathBuf, Box<dyn MediaSink>)> {
+    let (path, part, file) = create_unique(path, false)?;
     let out = Output {
         file: BufWriter::new(file),
         part,
@@ -257,7 +261,6 @@ struct OggOpus {
     writer: ogg::PacketWriter<'static, BufWriter<File>>,
     part: PathBuf,
     path: PathBuf,
-    serial: u32,
     held: Option<(Vec<u8>, u64)>,
 }
 
@@ -267,14 +270,7 @@ impl OggOpus {
     fn new(out: Output, channels: u16) -> std::io::Result<Self> {
         let Output { file, part, path } = out;
         let mut writer = ogg::PacketWriter::new(file);
-        let mut head = Vec::with_capacity(19);
-        head.extend_from_slice(b"OpusHead");
-        head.push(1); // version
-        head.push(channels.clamp(1, 2) as u8);
-        head.extend_from_slice(&0u16.to_le_bytes()); // pre-skip
-        head.extend_from_slice(&48_000u32.to_le_bytes()); // input sample rate (informational)
-        head.extend_from_slice(&0i16.to_le_bytes()); // output gain
-        head.push(0); // channel mapping family 0 (mono or stereo)
+        let head = opus_head(channels);
         writer.write_packet(head, OGG_SERIAL, ogg::PacketWriteEndInfo::EndPage, 0)?;
         let vendor = b"switchboard";
         let mut tags = Vec::with_capacity(16 + vendor.len());
@@ -287,7 +283,6 @@ impl OggOpus {
             writer,
             part,
             path,
-            serial: OGG_SERIAL,
             held: None,
         })
     }
@@ -299,7 +294,7 @@ impl OggOpus {
             } else {
                 ogg::PacketWriteEndInfo::EndPage
             };
-            self.writer.write_packet(data, self.serial, info, end)?;
+            self.writer.write_packet(data, OGG_SERIAL, info, end)?;
         }
         Ok(())
     }
@@ -320,12 +315,8 @@ impl MediaSink for OggOpus {
     }
 
     fn finish(mut self: Box<Self>) -> std::io::Result<Option<PathBuf>> {
-        if self.held.is_none() {
-            // Not a single packet: no file (nothing to play).
-            drop(self.writer);
-            std::fs::remove_file(&self.part)?;
-            return Ok(None);
-        }
+        // Not a single packet: no file (nothing to play).
+        let packets = u64::from(self.held.is_some());
         if let Some((held, start)) = &self.held {
             let end = start + opus_samples(held);
             self.write_held(end, true)?;
@@ -333,12 +324,23 @@ impl MediaSink for OggOpus {
         let OggOpus {
             writer, part, path, ..
         } = *self;
-        let mut file = writer.into_inner();
-        file.flush()?;
-        file.get_ref().sync_all()?;
-        std::fs::rename(&part, &path)?;
-        Ok(Some(path))
+        let file = writer.into_inner();
+        Output { file, part, path }.complete(packets)
     }
+}
+
+/// Opus's identification header (RFC 7845 5.1): the Ogg stream's first packet, and WebM's
+/// CodecPrivate for A_OPUS.
+pub(super) fn opus_head(channels: u16) -> Vec<u8> {
+    let mut head = Vec::with_capacity(19);
+    head.extend_from_slice(b"OpusHead");
+    head.push(1); // version
+    head.push(channels.clamp(1, 2) as u8);
+    head.extend_from_slice(&0u16.to_le_bytes()); // pre-skip
+    head.extend_from_slice(&48_000u32.to_le_bytes()); // input sample rate (informational)
+    head.extend_from_slice(&0i16.to_le_bytes()); // output gain
+    head.push(0); // channel mapping family 0 (mono or stereo)
+    head
 }
 
 /// Samples (at 48 kHz) in an Opus packet, from its TOC byte (RFC 6716 3.1).
@@ -406,7 +408,7 @@ mod tests {
                 channels: 2,
                 started: SystemTime::now(),
             };
-            let (_, sink) = track_file(&dir, &meta).unwrap();
+            let (_, sink) = track_file(&track_path(&dir, &meta), &meta).unwrap();
             assert!(
                 part_path(&track_path(&dir, &meta)).exists(),
                 "written as .part"
@@ -430,8 +432,8 @@ mod tests {
             channels: 2,
             started: SystemTime::now(),
         };
-        let (first, _a) = track_file(&dir, &meta).unwrap();
-        let (second, _b) = track_file(&dir, &meta).unwrap();
+        let (first, _a) = track_file(&track_path(&dir, &meta), &meta).unwrap();
+        let (second, _b) = track_file(&track_path(&dir, &meta), &meta).unwrap();
         assert_ne!(first, second);
         let name = second.file_name().unwrap().to_str().unwrap();
         assert!(name.ends_with("-2.ogg"), "{name}");

@@ -60,12 +60,12 @@ impl Recordings {
             let mode = self.config.mode;
             if mode != RecordingMode::Participants {
                 let path = files::track_path(&self.config.dir, &meta);
-                let open = || files::track_file(&self.config.dir, &meta);
+                let open = || files::track_file(&path, &meta);
                 sinks.extend(self.open_file(&meta, &path, open, &mut paths));
             }
             if mode != RecordingMode::Tracks && webm::supports(meta.codec) {
                 let path = webm::participant_path(&self.config.dir, &meta);
-                let open = || self.participant_sink(&meta);
+                let open = || self.participant_sink(&meta, &path);
                 sinks.extend(self.open_file(&meta, &path, open, &mut paths));
             }
         }
@@ -157,7 +157,11 @@ impl Recordings {
     }
 
     /// The user's participant file (the open one, or a new one) and a sink for this track.
-    fn participant_sink(&self, meta: &TrackMeta) -> std::io::Result<(PathBuf, Box<dyn MediaSink>)> {
+    fn participant_sink(
+        &self,
+        meta: &TrackMeta,
+        path: &Path,
+    ) -> std::io::Result<(PathBuf, Box<dyn MediaSink>)> {
         let mut files = self.participants.lock().unwrap_or_else(|e| e.into_inner());
         files.retain(|_, f| !f.is_done());
         let key = (meta.room.clone(), meta.user.clone());
@@ -166,7 +170,7 @@ impl Recordings {
         {
             return Ok((file.path(), sink));
         }
-        let file = webm::ParticipantFile::create(webm::participant_path(&self.config.dir, meta))?;
+        let file = webm::ParticipantFile::create(path.to_path_buf())?;
         let sink = file
             .track_sink(meta)
             .ok_or_else(|| std::io::Error::other("codec not supported in WebM"))?;
@@ -185,12 +189,9 @@ impl Recordings {
 
     /// Whether `user`'s tracks in `room` are recorded to files (by config or through the API).
     pub fn records(&self, room: &str, user: &str) -> bool {
-        if self.config.records(room) {
-            return true;
-        }
-        let selected = self.selected.lock().unwrap_or_else(|e| e.into_inner());
-        selected.contains(&(room.to_owned(), None))
-            || selected.contains(&(room.to_owned(), Some(user.to_owned())))
+        self.records_room(room)
+            || (self.selected.lock().unwrap_or_else(|e| e.into_inner()))
+                .contains(&(room.to_owned(), Some(user.to_owned())))
     }
 
     /// Records a room (`user` `None`) or one participant from now on (`start`), or stops doing
@@ -216,17 +217,17 @@ impl Recordings {
 
     /// A recording ended: its writer finishes in the background (joined at shutdown).
     pub fn finished(&self, recorder: Recorder) {
-        let Some(writer) = recorder.finish() else {
-            return;
-        };
+        let writer = recorder.finish();
         let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
         writers.retain(|w| !w.is_finished());
         writers.push(writer);
     }
 
     /// Waits for every writer to finish its file (graceful shutdown).
-    pub fn wait(&self) -> Vec<Summary> {
+    pub fn wait(&self) {
         let writers = std::mem::take(&mut *self.writers.lock().unwrap_or_else(|e| e.into_inner()));
-        writers.into_iter().filter_map(|w| w.join().ok()).collect()
+        for writer in writers {
+            let _ = writer.join();
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -83,7 +83,7 @@ pub struct Recorder {
     dropped: Arc<AtomicU64>,
     /// Set by the writer when video needs a keyframe after a gap; the loop asks for one.
     wants_keyframe: Arc<AtomicBool>,
-    writer: Option<JoinHandle<Summary>>,
+    writer: JoinHandle<Summary>,
 }
 
 impl Recorder {
@@ -111,7 +111,7 @@ impl Recorder {
             queue,
             dropped,
             wants_keyframe,
-            writer: Some(writer),
+            writer,
         })
     }
 
@@ -127,11 +127,9 @@ impl Recorder {
             source_timestamp: source.timestamp,
             arrival: now,
         };
-        match self.queue.try_send(queued) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        // Full (the writer fell behind) or gone (it failed): dropped, counted.
+        if self.queue.try_send(queued).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -147,8 +145,8 @@ impl Recorder {
 
     /// Ends the recording (the writer finishes what is queued) and returns the writer's
     /// handle, to be joined off the media loop.
-    pub fn finish(mut self) -> Option<JoinHandle<Summary>> {
-        self.writer.take()
+    pub fn finish(self) -> JoinHandle<Summary> {
+        self.writer // the queue's sender is dropped with the rest: the writer drains and ends
     }
 }
 
@@ -158,7 +156,8 @@ struct Outlets<'a> {
     sinks: Vec<Box<dyn MediaSink>>,
     failed: Vec<bool>,
     summary: Summary,
-    first_last: Option<(u64, u64)>,
+    /// The last frame's timestamp (the first's is 0).
+    last_timestamp: u64,
 }
 
 impl Outlets<'_> {
@@ -184,8 +183,7 @@ impl Outlets<'_> {
         }
         self.summary.frames += 1;
         self.summary.bytes += frame.data.len() as u64;
-        let first = self.first_last.map_or(frame.timestamp, |(first, _)| first);
-        self.first_last = Some((first, frame.timestamp));
+        self.last_timestamp = frame.timestamp;
     }
 }
 
@@ -203,7 +201,7 @@ fn write(
         failed: vec![false; sinks.len()],
         sinks,
         summary: Summary::default(),
-        first_last: None,
+        last_timestamp: 0,
     };
     let mut clock = CaptureClock::default();
     let mut arrival = Instant::now();
@@ -253,7 +251,7 @@ fn write(
         sinks,
         failed,
         mut summary,
-        first_last,
+        last_timestamp,
         ..
     } = out;
     summary.skipped_frames = assembler.skipped_frames;
@@ -263,10 +261,8 @@ fn write(
             .push("no media arrived: nothing was written".into());
     }
     summary.dropped_packets = dropped.load(Ordering::Relaxed);
-    if let Some((first, last)) = first_last {
-        summary.duration =
-            Duration::from_secs_f64((last - first) as f64 / meta.clock_rate.max(1) as f64);
-    }
+    summary.duration =
+        Duration::from_secs_f64(last_timestamp as f64 / meta.clock_rate.max(1) as f64);
     for (sink, failed) in sinks.into_iter().zip(failed) {
         match sink.finish() {
             Ok(Some(path)) if !failed => summary.files.push(path),

@@ -37,17 +37,7 @@ pub fn supports(codec: Codec) -> bool {
 
 /// `<dir>/<room>/<userId>-av-<UTC start>.webm`.
 pub fn participant_path(dir: &Path, meta: &TrackMeta) -> PathBuf {
-    let track = super::files::track_path(dir, meta);
-    let name = track
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
-    // `<user>-<track>-<stamp>.<ext>`: keep the user and the stamp.
-    let stamp = name.rsplit('-').next().unwrap_or_default();
-    let stamp = stamp.split('.').next().unwrap_or_default();
-    let user = super::files::file_safe(&meta.user);
-    track.with_file_name(format!("{user}-av-{stamp}.webm"))
+    super::files::recording_path(dir, meta, "av", "webm")
 }
 
 /// A participant's file, shared by the sinks of its tracks.
@@ -226,15 +216,7 @@ impl Muxer {
             keyframe: frame.keyframe,
             data: frame.data.to_vec(),
         };
-        match self.time_of(track, frame.timestamp) {
-            // Before the file's start (a track's lead over the others): left out.
-            Some(at) if at < -0.000_5 => {}
-            Some(at) => {
-                self.tracks[track].latest = Some(at);
-                self.pending.push((at, pending));
-            }
-            None => self.pending.push((f64::NAN, pending)), // placed when the file starts
-        }
+        self.queue(pending);
         if self.zero.is_none() {
             let waited = self.created.elapsed().as_secs_f64();
             let all_reported = self.tracks.iter().all(|t| t.captured.is_some());
@@ -298,18 +280,24 @@ impl Muxer {
             "arrival"
         };
         tracing::debug!(path = %self.path.display(), tracks = self.tracks.len(), "participant file placed by {clock}");
-        let pending = std::mem::take(&mut self.pending);
-        for (_, p) in pending {
-            if let Some(at) = self
-                .time_of(p.track, p.timestamp)
-                .filter(|at| *at >= -0.000_5)
-            {
+        for (_, p) in std::mem::take(&mut self.pending) {
+            self.queue(p);
+        }
+        self.write_header()
+    }
+
+    /// Puts a frame at its place on the timeline, or aside (NaN) until the file starts; a frame
+    /// from before the file's start (a track's lead over the others) is left out.
+    fn queue(&mut self, p: Pending) {
+        match self.time_of(p.track, p.timestamp) {
+            Some(at) if at < -0.000_5 => {}
+            Some(at) => {
                 let latest = &mut self.tracks[p.track].latest;
                 *latest = Some(latest.map_or(at, |l: f64| l.max(at)));
                 self.pending.push((at, p));
             }
+            None => self.pending.push((f64::NAN, p)),
         }
-        self.write_header()
     }
 
     fn write_header(&mut self) -> Result<(), String> {
@@ -325,7 +313,9 @@ impl Muxer {
                 Codec::Opus => {
                     entry.push(MatroskaSpec::TrackType(2));
                     entry.push(MatroskaSpec::CodecID("A_OPUS".into()));
-                    entry.push(MatroskaSpec::CodecPrivate(opus_head(t.channels)));
+                    entry.push(MatroskaSpec::CodecPrivate(super::files::opus_head(
+                        t.channels,
+                    )));
                     entry.push(MatroskaSpec::CodecDelay(0));
                     entry.push(MatroskaSpec::SeekPreRoll(80_000_000));
                     entry.push(MatroskaSpec::Audio(Master::Full(vec![
@@ -479,17 +469,4 @@ fn duration_offset(file: &mut BufWriter<File>) -> Option<u64> {
     file.read_exact(&mut bytes).ok()?;
     file.seek(SeekFrom::Start(end)).ok()?;
     (f64::from_be_bytes(bytes) == DURATION_PLACEHOLDER).then_some(end - 8)
-}
-
-/// Opus's identification header (RFC 7845 5.1), WebM's CodecPrivate for A_OPUS.
-fn opus_head(channels: u16) -> Vec<u8> {
-    let mut head = Vec::with_capacity(19);
-    head.extend_from_slice(b"OpusHead");
-    head.push(1);
-    head.push(channels.clamp(1, 2) as u8);
-    head.extend_from_slice(&0u16.to_le_bytes());
-    head.extend_from_slice(&48_000u32.to_le_bytes());
-    head.extend_from_slice(&0i16.to_le_bytes());
-    head.push(0);
-    head
 }
