@@ -113,7 +113,7 @@ pub struct PublishedTrack {
     /// The track's recording, fed by a down-track of its own.
     pub recording: Option<crate::record::Recorder>,
     /// RTP egress: a down-track per destination.
-    pub rtp_out: Vec<(DownTrackId, SocketAddr)>,
+    pub rtp_out: Vec<DownTrackId>,
 }
 
 /// A data channel a member opened, and its copies on the other members' connections.

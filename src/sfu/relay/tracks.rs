@@ -219,36 +219,37 @@ impl MediaState {
     /// The API's start / stop for the tracks published in `room` now (all, or `user`'s).
     /// Returns the room's tracks being recorded afterwards.
     pub(super) fn record(&mut self, room: &str, user: Option<&str>, start: bool) -> Vec<TrackInfo> {
-        let tracks = self
-            .rooms
-            .get(room)
-            .map(|r| r.tracks.clone())
-            .unwrap_or_default();
-        for t in tracks {
+        let to_file = |track: &PublishedTrack| track.recording.as_ref().is_some_and(|r| r.to_file);
+        let tracks = self.published_in(room, user);
+        for &t in &tracks {
             let track = &self.tracks[t];
-            if user.is_some_and(|u| u != track.owner) {
-                continue;
-            }
-            match (start, track.recording.as_ref().is_some_and(|r| r.to_file)) {
+            match (start, to_file(track)) {
                 (true, false) => {
                     // A recording for registered sinks only is replaced by one with files too.
                     self.stop_recording(t);
                     self.start_recording(t);
                 }
                 // A room stopped stops every track; a participant stopped keeps a room rule.
-                (false, true) if !self.shared.recordings.records(room, &track.owner.clone()) => {
+                (false, true) if !self.shared.recordings.records(room, &track.owner) => {
                     self.stop_recording(t)
                 }
                 _ => {}
             }
         }
-        let r = self.rooms.get(room);
-        let to_file = |t: usize| self.tracks[t].recording.as_ref().is_some_and(|r| r.to_file);
-        r.map(|r| r.tracks.iter().filter(|&&t| to_file(t)))
+        let tracks = self
+            .published_in(room, None)
             .into_iter()
-            .flatten()
-            .map(|&t| self.tracks[t].info())
-            .collect()
+            .map(|t| &self.tracks[t]);
+        tracks.filter(|t| to_file(t)).map(|t| t.info()).collect()
+    }
+
+    /// The tracks published in `room` now: all, or `user`'s.
+    fn published_in(&self, room: &str, user: Option<&str>) -> Vec<usize> {
+        let Some(r) = self.rooms.get(room) else {
+            return Vec::new();
+        };
+        let mine = |&t: &usize| user.is_none_or(|u| u == self.tracks[t].owner);
+        r.tracks.iter().copied().filter(mine).collect()
     }
 
     /// RTP egress for the tracks published in `room` now (all, or `user`'s): each to `host`
@@ -260,18 +261,10 @@ impl MediaState {
         user: Option<&str>,
         to: Option<(std::net::IpAddr, u16)>,
     ) -> Vec<OutTrack> {
-        let tracks = self
-            .rooms
-            .get(room)
-            .map(|r| r.tracks.clone())
-            .unwrap_or_default();
         let mut out = Vec::new();
-        for t in tracks {
+        for t in self.published_in(room, user) {
             let track = &mut self.tracks[t];
-            if user.is_some_and(|u| u != track.owner) {
-                continue;
-            }
-            for (id, _) in track.rtp_out.drain(..) {
+            for id in track.rtp_out.drain(..) {
                 track.forwarder.remove_down_track(id);
             }
             let Some((host, first_port)) = to else {
@@ -297,7 +290,7 @@ impl MediaState {
                 },
                 DownSink::Plain { to: addr },
             );
-            track.rtp_out.push((id, addr));
+            track.rtp_out.push(id);
             out.push(OutTrack {
                 user_id: track.owner.clone(),
                 track_id: track.track_id.clone(),
@@ -708,11 +701,9 @@ impl MediaState {
 
     /// Hands a publisher's sender report to the recording of the track that source feeds.
     fn sender_report_to_recordings(&mut self, publisher: ConnKey, sr: &SenderReport) {
-        let track = self.tracks.iter_mut().find(|(_, t)| {
-            t.publisher == publisher && t.receivers.iter().any(|(s, _)| *s == sr.ssrc)
-        });
-        if let Some((_, track)) = track
-            && let Some(recording) = track.recording.as_mut()
+        // The connection knows which track each of its sources feeds.
+        if let Some(Some(t)) = self.conns[publisher].inbound_track(sr.ssrc)
+            && let Some(recording) = self.tracks.get_mut(t).and_then(|t| t.recording.as_mut())
         {
             recording.sender_report(sr.ssrc, sr.ntp_time, sr.rtp_time);
         }
