@@ -262,7 +262,14 @@ async fn recorded_tracks_are_files_that_play() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_with_lost_packets_still_decodes_cleanly() {
     let dir = temp_dir("recording-loss");
-    let media = Arc::new(media::encode(&dir.join("source"), SECONDS));
+    // A keyframe every 10 frames: with a keyframe every 30, a loss inside one keyframe (its
+    // packets are many) left a second of video or less, depending on when the publisher's
+    // connection came up (a CI run kept 30 frames).
+    let media = Arc::new(media::encode_with_keyframes_every(
+        &dir.join("source"),
+        SECONDS,
+        10,
+    ));
     let mut config = test_config();
     config.recording.dir = dir.join("rec");
     config.recording.rooms = vec!["*".into()];
@@ -288,11 +295,11 @@ async fn a_recording_with_lost_packets_still_decodes_cleanly() {
         .unwrap();
     let (codecs, duration) = probe(video);
     assert_eq!(codecs, vec!["vp8".to_owned()]);
-    assert!(duration > 1.0, "{duration} s of video kept");
+    assert!(duration > 1.5, "{duration} s of video kept");
     // What was kept: runs of consecutive frames, each starting on a keyframe (a frame after a
     // gap without one would decode against a picture the file does not have).
     let packets = video_packets(video);
-    assert!(packets.len() >= 30, "{packets:?}");
+    assert!(packets.len() >= 45, "{packets:?}");
     assert!(
         packets.len() < 120,
         "no frame was left out: {}",
