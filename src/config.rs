@@ -21,6 +21,32 @@ pub struct Config {
     pub recording: RecordingConfig,
     pub webhook: WebhookConfig,
     pub api: ApiConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuthConfig {
+    /// HS256 secret; empty: none.
+    pub secret: String,
+    /// PEM public key (RSA or Ed25519) of a service minting tokens; empty: none.
+    pub public_key_file: std::path::PathBuf,
+}
+
+impl AuthConfig {
+    /// The token verifier, `None` when auth is off.
+    pub fn verifier(&self) -> Result<Option<crate::auth::Verifier>, crate::auth::AuthError> {
+        let pem = if self.public_key_file.as_os_str().is_empty() {
+            None
+        } else {
+            Some(std::fs::read(&self.public_key_file).map_err(|e| {
+                crate::auth::AuthError::Config(format!(
+                    "auth.public_key_file {}: {e}",
+                    self.public_key_file.display()
+                ))
+            })?)
+        };
+        crate::auth::Verifier::new(self.secret.trim(), pem.as_deref())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -188,6 +214,7 @@ pub struct Overrides {
     pub media_loops: Option<usize>,
     pub record_dir: Option<std::path::PathBuf>,
     pub api_key: Option<String>,
+    pub auth_secret: Option<String>,
 }
 
 impl Config {
@@ -235,6 +262,9 @@ impl Config {
         }
         if let Some(v) = &o.media_loops {
             figment = figment.merge(Serialized::default("media.loops", v));
+        }
+        if let Some(v) = &o.auth_secret {
+            figment = figment.merge(Serialized::default("auth.secret", v));
         }
         if let Some(v) = &o.api_key {
             figment = figment.merge(Serialized::default("api.key", v));

@@ -2,7 +2,9 @@
 //! original Node.js signaling server. [`Server`] runs it in-process (tests use ephemeral ports);
 //! `src/main.rs` is only the command line around it.
 
+pub mod auth;
 pub mod cluster;
+
 pub mod config;
 pub mod http;
 pub mod load;
@@ -87,6 +89,12 @@ impl Server {
             "" => random_node_id(),
             id => id.to_owned(),
         };
+        let auth = config.auth.verifier()?.map(Arc::new);
+        if auth.is_none() {
+            tracing::warn!(
+                "auth is off: anyone can join any room as any user (set auth.secret or auth.public_key_file)"
+            );
+        }
         let stop = CancellationToken::new();
         let (bus_tx, bus_rx) = mpsc::unbounded_channel();
         let (reaped_tx, reaped_rx) = mpsc::unbounded_channel();
@@ -123,6 +131,7 @@ impl Server {
             max_message_bytes: config.signal.max_message_bytes,
             max_room_members: config.signal.max_room_members,
             budget: signal::limits::EventBudget::from_config(&config.signal),
+            auth,
             webhooks,
         });
         let (sio_layer, io) = SocketIo::builder()

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use switchboard::auth::{Claims, Grant};
 use switchboard::config::{Config, LogFormat, Overrides};
 use tracing_subscriber::EnvFilter;
 
@@ -46,12 +47,67 @@ struct Cli {
     /// Bearer key of the HTTP API (/api/recordings) [default: none, the API refuses all].
     #[arg(long)]
     api_key: Option<String>,
+    /// HS256 secret of access tokens [default: none; with neither it nor
+    /// auth.public_key_file, anyone may join].
+    #[arg(long)]
+    auth_secret: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
 enum Subcommand {
     /// Load-test a server's media plane (starts one on loopback unless --url is given).
     Load(switchboard::load::LoadArgs),
+    /// Print an access token (HS256) for a user in a room.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TokenArgs {
+    /// The server's auth.secret.
+    #[arg(long, env = "SWITCHBOARD_AUTH__SECRET", hide_env_values = true)]
+    secret: String,
+    /// The userId the token is for.
+    #[arg(long)]
+    user: String,
+    /// The roomId it joins [default: none].
+    #[arg(long)]
+    room: Option<String>,
+    /// What it allows, repeated or comma-separated [default: publish, subscribe, publish-data].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    grant: Vec<GrantArg>,
+    /// How long it is valid, e.g. 90s, 15m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum GrantArg {
+    Publish,
+    Subscribe,
+    PublishData,
+    Record,
+    Admin,
+}
+
+impl From<GrantArg> for Grant {
+    fn from(g: GrantArg) -> Grant {
+        match g {
+            GrantArg::Publish => Grant::Publish,
+            GrantArg::Subscribe => Grant::Subscribe,
+            GrantArg::PublishData => Grant::PublishData,
+            GrantArg::Record => Grant::Record,
+            GrantArg::Admin => Grant::Admin,
+        }
+    }
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.secret.is_empty(), "--secret is empty");
+    let grants =
+        (!args.grant.is_empty()).then(|| args.grant.into_iter().map(Grant::from).collect());
+    let claims = Claims::new(&args.user, args.room.as_deref(), grants, args.ttl);
+    println!("{}", switchboard::auth::mint(&args.secret, &claims)?);
+    Ok(())
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -63,8 +119,10 @@ enum LogFormatArg {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Subcommand::Load(args)) = cli.command {
-        return load(args).await;
+    match cli.command {
+        Some(Subcommand::Load(args)) => return load(args).await,
+        Some(Subcommand::Token(args)) => return token(args),
+        None => {}
     }
     let overrides = Overrides {
         listen: cli.listen,
@@ -80,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         media_loops: cli.media_loops,
         record_dir: cli.record_dir,
         api_key: cli.api_key,
+        auth_secret: cli.auth_secret,
     };
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     init_logging(config.server.log_format);

@@ -397,6 +397,7 @@ async fn members_joining_together_cost_each_subscriber_one_offer() {
         media_runtime: None,
         track_ids_of: None,
         encoded: None,
+        token: None,
     };
     let (x, y, z) = tokio::join!(
         TestPeer::join_with(addr, "x", "R", 1, held()),
@@ -592,6 +593,7 @@ async fn rtcp_feedback_flows_both_ways() {
         media_runtime: None,
         track_ids_of: None,
         encoded: None,
+        token: None,
     };
     let a = TestPeer::join_with(addr, "alice", "R", 1, lossy).await;
     let b = TestPeer::join(addr, "bob", "R", 2, false).await;
@@ -682,6 +684,7 @@ async fn a_subscriber_gets_a_track_only_in_a_codec_its_answer_accepts() {
         media_runtime: None,
         track_ids_of: None,
         encoded: None,
+        token: None,
     };
     let b = TestPeer::join_with(addr, "bob", "R", 2, h264_only).await;
     let c = TestPeer::join(addr, "carol", "R", 3, false).await;

@@ -1,5 +1,6 @@
 //! `/api/recordings`: start and stop recording a room or one participant; `/api/egress`: send
-//! its tracks as plain RTP to an address, with the SDP to receive them. Behind the API key.
+//! its tracks as plain RTP to an address, with the SDP to receive them. Behind the API key, or
+//! an access token: `admin` may do all of it, `record` start and stop its own room's recording.
 
 use axum::Json;
 use axum::extract::State;
@@ -41,7 +42,9 @@ async fn select(
     body: Result<Json<Selection>, JsonRejection>,
     start: bool,
 ) -> Response {
-    let selection = match admitted(&http, &headers, body) {
+    let selection = match admitted(&http, &headers, body, |s: &Selection| {
+        Need::Recording(s.room_id.clone())
+    }) {
         Ok(body) => body,
         Err(refused) => return *refused,
     };
@@ -79,7 +82,7 @@ pub async fn egress_start(
     headers: HeaderMap,
     body: Result<Json<Egress>, JsonRejection>,
 ) -> Response {
-    let egress = match admitted(&http, &headers, body) {
+    let egress = match admitted(&http, &headers, body, |_: &Egress| Need::Admin) {
         Ok(body) => body,
         Err(refused) => return *refused,
     };
@@ -116,7 +119,7 @@ pub async fn egress_stop(
     headers: HeaderMap,
     body: Result<Json<Egress>, JsonRejection>,
 ) -> Response {
-    let egress = match admitted(&http, &headers, body) {
+    let egress = match admitted(&http, &headers, body, |_: &Egress| Need::Admin) {
         Ok(body) => body,
         Err(refused) => return *refused,
     };
@@ -125,43 +128,72 @@ pub async fn egress_stop(
     Json(json!({"roomId": egress.room_id, "userId": user, "tracks": []})).into_response()
 }
 
-/// The request's body, if it carries the API key and parses; else the answer refusing it.
+/// What a request needs of its caller's token (the API key allows everything).
+enum Need {
+    Admin,
+    /// The `record` grant for this room (or `admin`).
+    Recording(String),
+}
+
+/// The request's body, if its caller may make it and it parses; else the answer refusing it.
 fn admitted<T>(
     http: &Http,
     headers: &HeaderMap,
     body: Result<Json<T>, JsonRejection>,
+    need: impl FnOnce(&T) -> Need,
 ) -> Result<T, Box<Response>> {
-    if let Some(refused) = refusal(http, headers) {
-        return Err(Box::new(refused));
-    }
-    body.map(|Json(body)| body)
-        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &e.body_text())))
-}
-
-/// `None` if the request carries `Authorization: Bearer <api.key>`, else the answer refusing
-/// it; with no key configured, everything is refused.
-fn refusal(http: &Http, headers: &HeaderMap) -> Option<Response> {
-    let Some(key) = http.api_key.as_deref() else {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "the API is off: set api.key (--api-key, SWITCHBOARD_API__KEY)",
-        ));
-    };
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
+    let auth = http.signal.auth.as_deref();
+    if http.api_key.is_none() && auth.is_none() {
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "the API is off: set api.key (--api-key, SWITCHBOARD_API__KEY)",
+        )));
+    }
     // Digests compared, not the keys: how long a comparison takes says nothing about the key.
     let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
-    if digest(given).as_ref() != digest(key).as_ref() {
-        let mut refused = error(StatusCode::UNAUTHORIZED, "a valid API key is required");
-        refused
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
-        return Some(refused);
+    let operator = http
+        .api_key
+        .as_deref()
+        .is_some_and(|key| digest(given).as_ref() == digest(key).as_ref());
+    let claims = match (operator, auth) {
+        (true, _) => None,
+        (false, Some(auth)) => Some(auth.claims(given).map_err(|_| unauthorized())?),
+        (false, None) => return Err(unauthorized()),
+    };
+    let body = body
+        .map(|Json(body)| body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, &e.body_text())))?;
+    if let Some(claims) = claims {
+        let grants = claims.grants();
+        let allowed = grants.admin
+            || match need(&body) {
+                Need::Admin => false,
+                Need::Recording(room) => grants.record && claims.room == Some(room),
+            };
+        if !allowed {
+            return Err(Box::new(error(
+                StatusCode::FORBIDDEN,
+                "the token does not grant this (admin, or record for its own room)",
+            )));
+        }
     }
-    None
+    Ok(body)
+}
+
+fn unauthorized() -> Box<Response> {
+    let mut refused = error(
+        StatusCode::UNAUTHORIZED,
+        "a valid API key or access token is required",
+    );
+    refused
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+    Box::new(refused)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

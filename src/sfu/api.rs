@@ -125,6 +125,9 @@ pub enum SfuError {
     TooManyTracks(usize),
     #[error("too many data channels: media.max_data_channels_per_member is {0}")]
     TooManyChannels(usize),
+    /// The member's token does not allow it (the grant's name).
+    #[error("your token does not grant {0}")]
+    NotGranted(&'static str),
     #[error("media setup failed: {0}")]
     Internal(String),
 }

@@ -34,7 +34,9 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
+use crate::auth::Grants;
 use crate::config::MediaConfig;
+
 use api::{IceCandidate, PcKind, SfuError, SfuEvent, TrackInfo};
 use event_loop::{Input, LoopConfig, Mailbox};
 use forward::Quality;
@@ -206,7 +208,13 @@ impl Sfu {
 
     /// Enters SFU mode (event `call` to `sfu`, or the first publisher offer): creates the
     /// subscriber connection and subscribes to everything already in the room.
-    pub async fn join(&self, user: &str, room: &str, session: &str) -> Result<(), SfuError> {
+    pub async fn join(
+        &self,
+        user: &str,
+        room: &str,
+        session: &str,
+        grants: Grants,
+    ) -> Result<(), SfuError> {
         let (tx, rx) = oneshot::channel();
         {
             let mut directory = self.shared.directory();
@@ -233,6 +241,7 @@ impl Sfu {
                 user: user.to_owned(),
                 room: room.to_owned(),
                 session: session.to_owned(),
+                grants,
                 reply: tx,
             };
             if !self.loops[s.loop_index].send(Input::Command(join)) {
@@ -253,9 +262,10 @@ impl Sfu {
         user: &str,
         room: &str,
         session: &str,
+        grants: Grants,
         sdp: String,
     ) -> Result<(), SfuError> {
-        self.join(user, room, session).await?;
+        self.join(user, room, session, grants).await?;
         let l = self.loop_of(user, session, PcKind::Publisher)?;
         self.ask(l, |reply| Command::Offer {
             user: user.to_owned(),
@@ -283,12 +293,13 @@ impl Sfu {
         user: &str,
         room: &str,
         session: &str,
+        grants: Grants,
         pc: PcKind,
         candidate: Option<IceCandidate>,
     ) -> Result<(), SfuError> {
         if pc == PcKind::Publisher {
             // A candidate can overtake its offer (socket.io runs handlers concurrently).
-            self.join(user, room, session).await?;
+            self.join(user, room, session, grants).await?;
         }
         let l = self.loop_of(user, session, pc)?;
         self.ask(l, |reply| Command::Candidate {

@@ -7,12 +7,13 @@ use std::sync::PoisonError;
 use std::sync::{Arc, Mutex};
 
 use socketioxide::SocketIo;
-use socketioxide::extract::{Extension, SocketRef, State};
+use socketioxide::extract::{Extension, SocketRef, State, TryData};
 use socketioxide::socket::{DisconnectReason, Sid};
 use tracing::{debug, info, warn};
 
 use super::deliver::room_channel;
 use super::{App, handshake, protocol, register_handlers};
+use crate::auth::{AuthError, Grants};
 use crate::cluster::BusEvent;
 use crate::room::Session;
 
@@ -30,6 +31,8 @@ pub struct Conn {
     settled: tokio::sync::SetOnce<bool>,
     /// The socket's event budget spent so far.
     bucket: Mutex<super::limits::Bucket>,
+    /// What its token allows (everything with auth off).
+    pub grants: Grants,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,9 +59,33 @@ impl Conn {
 /// Connect middleware: a refused handshake gets `connect_error` with the reason. An accepted
 /// one gets its handlers here, before socketioxide sends CONNECT: it drops the events (and the
 /// disconnect) of a socket that has no handler for them yet.
-pub async fn authenticate(s: SocketRef, State(app): State<App>) -> Result<(), String> {
+pub async fn authenticate(
+    s: SocketRef,
+    State(app): State<App>,
+    payload: TryData<serde_json::Value>,
+) -> Result<(), String> {
     let query = s.req_parts().uri.query();
     let identity = handshake::identify(query).inspect_err(|e| debug!("handshake refused: {e}"))?;
+    let grants = match &app.auth {
+        None => Grants::EVERYTHING,
+        Some(verifier) => {
+            // The query's token, else the socket.io auth payload's {token}.
+            let from_payload = payload.0.ok().and_then(|p| match p.get("token") {
+                Some(serde_json::Value::String(t)) => Some(t.clone()),
+                _ => None,
+            });
+            let Some(token) = identity.token.clone().or(from_payload) else {
+                debug!(user = %identity.user_id, "handshake refused: no token");
+                return Err("a token is required: auth is on".into());
+            };
+            verifier
+                .verify(&token, &identity.user_id, identity.room_id.as_deref())
+                .map_err(|e| match e {
+                    AuthError::Refused(why) | AuthError::Config(why) => why,
+                })
+                .inspect_err(|why| info!(user = %identity.user_id, "token refused: {why}"))?
+        }
+    };
     if let Some(room) = &identity.room_id
         && app.max_room_members > 0
     {
@@ -81,6 +108,7 @@ pub async fn authenticate(s: SocketRef, State(app): State<App>) -> Result<(), St
         phase: Mutex::new(Phase::SettingUp),
         settled: tokio::sync::SetOnce::new(),
         bucket: Default::default(),
+        grants,
     }));
     register_handlers(&s);
     Ok(())

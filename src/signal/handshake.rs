@@ -1,4 +1,4 @@
-//! Reads `?userId=U&roomId=R` from the socket.io handshake request.
+//! Reads `?userId=U&roomId=R` (and `token`, with auth on) from the socket.io handshake request.
 
 use percent_encoding::percent_decode_str;
 
@@ -10,17 +10,21 @@ pub struct Identity {
     pub user_id: String,
     /// `None` when the query has no (or an empty) roomId: such a user can still be called 1:1.
     pub room_id: Option<String>,
+    /// The access token, if the query has one (it may also come in the auth payload).
+    pub token: Option<String>,
 }
 
 /// Parses and validates the handshake query. The error text becomes the `connect_error` message.
 pub fn identify(query: Option<&str>) -> Result<Identity, String> {
     let mut user_id = None;
     let mut room_id = None;
+    let mut token = None;
     for pair in query.unwrap_or("").split('&') {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let slot = match key {
             "userId" => &mut user_id,
             "roomId" => &mut room_id,
+            "token" => &mut token,
             _ => continue,
         };
         let decoded = percent_decode_str(value)
@@ -40,7 +44,12 @@ pub fn identify(query: Option<&str>) -> Result<Identity, String> {
     if let Some(room) = &room_id {
         validate_id("roomId", room)?;
     }
-    Ok(Identity { user_id, room_id })
+    let token = token.filter(|t| !t.is_empty());
+    Ok(Identity {
+        user_id,
+        room_id,
+        token,
+    })
 }
 
 #[cfg(test)]
@@ -57,6 +66,13 @@ mod tests {
         assert_eq!(id.room_id.as_deref(), Some("r&1"));
         // '+' is kept: socket.io-client encodes with encodeURIComponent, never as '+'.
         assert_eq!(identify(Some("userId=a+b")).unwrap().user_id, "a+b");
+    }
+
+    #[test]
+    fn reads_the_token() {
+        let id = identify(Some("userId=u&roomId=r&token=a.b.c")).unwrap();
+        assert_eq!(id.token.as_deref(), Some("a.b.c"));
+        assert_eq!(identify(Some("userId=u&token=")).unwrap().token, None);
     }
 
     #[test]

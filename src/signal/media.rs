@@ -71,7 +71,7 @@ fn parse<T: serde::de::DeserializeOwned>(payload: rmpv::Value) -> Result<T, Refu
 fn refusal(e: SfuError) -> Refusal {
     let status = match e {
         SfuError::BadSdp(_) | SfuError::BadCandidate(_) => 400,
-        SfuError::NotYourTrack(_) => 403,
+        SfuError::NotYourTrack(_) | SfuError::NotGranted(_) => 403,
         SfuError::UnknownTrack(_) => 404,
         SfuError::NoConnection(_)
         | SfuError::TrackIdInUse(_)
@@ -98,11 +98,12 @@ pub async fn to_sfu(
 ) -> Result<(), Refusal> {
     let room = room_of(conn)?;
     let (sfu, user, session) = (&app.sfu, conn.user_id.as_str(), conn.token.as_str());
+    let grants = conn.grants;
     if !is_current(app, conn) {
         return Ok(()); // the connection is closing: start nothing
     }
     let result = match kind {
-        Directed::Call => sfu.join(user, room, session).await.map(drop),
+        Directed::Call => sfu.join(user, room, session, grants).await.map(drop),
         Directed::Offer => {
             let p: SdpPayload = parse(payload)?;
             if pc_kind(p.pc.as_deref())? != PcKind::Publisher || p.sdp.kind != "offer" {
@@ -110,7 +111,7 @@ pub async fn to_sfu(
                     "the client offers on the publisher connection only".into(),
                 ));
             }
-            sfu.offer(user, room, session, p.sdp.sdp).await
+            sfu.offer(user, room, session, grants, p.sdp.sdp).await
         }
         Directed::Answer => {
             let p: SdpPayload = parse(payload)?;
@@ -128,7 +129,8 @@ pub async fn to_sfu(
         Directed::Candidate => {
             let p: CandidatePayload = parse(payload)?;
             let pc = pc_kind(p.pc.as_deref())?;
-            sfu.candidate(user, room, session, pc, p.candidate).await
+            sfu.candidate(user, room, session, grants, pc, p.candidate)
+                .await
         }
     };
     // Handlers run concurrently: if the connection closed meanwhile, undo what this started.

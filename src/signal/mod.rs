@@ -37,6 +37,8 @@ pub struct Signal {
     pub webhooks: crate::webhook::Webhooks,
     /// Each socket's event budget.
     pub budget: limits::EventBudget,
+    /// Checks access tokens; `None`: auth is off, everyone may do everything.
+    pub auth: Option<Arc<crate::auth::Verifier>>,
 }
 
 pub(crate) type App = Arc<Signal>;
@@ -188,6 +190,9 @@ async fn relay_directed(
         }
         return;
     }
+    if app.auth.is_some() && !in_own_room(app, conn, &target).await {
+        return refuse(s, event, &Refusal::OutsideYourRoom { target });
+    }
     protocol::stamp_sender(&mut payload, &conn.user_id);
     let envelope = protocol::Envelope::ok(event, kind.text(), payload);
     if app.outbox.to_user(&target, &envelope).await {
@@ -195,6 +200,15 @@ async fn relay_directed(
     } else {
         refuse(s, event, &Refusal::Offline { target });
     }
+}
+
+/// Whether `target` is a member of the sender's room (on any node).
+async fn in_own_room(app: &Signal, conn: &Conn, target: &str) -> bool {
+    let Some(room) = &conn.room_id else {
+        return false;
+    };
+    let members = app.outbox.rooms.members(room).await;
+    members.iter().any(|(user, _)| user == target)
 }
 
 async fn on_unknown(

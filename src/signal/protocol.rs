@@ -112,6 +112,9 @@ pub enum Refusal {
     NoRoom,
     #[error("user {target} is not online")]
     Offline { target: String },
+    /// With auth on, members reach only members of their own room.
+    #[error("user {target} is not in your room")]
+    OutsideYourRoom { target: String },
     #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
     #[error("unknown event")]
@@ -128,7 +131,7 @@ impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
             Refusal::Malformed(_) | Refusal::UnknownEvent => 400,
-            Refusal::NotYourRoom { .. } | Refusal::NoRoom => 403,
+            Refusal::NotYourRoom { .. } | Refusal::NoRoom | Refusal::OutsideYourRoom { .. } => 403,
             Refusal::Offline { .. } => 404,
             Refusal::TooLarge { .. } => 413,
             Refusal::RateLimited { .. } => 429,
@@ -144,7 +147,7 @@ impl Refusal {
             Refusal::NotYourRoom { room_id } => {
                 data.insert("roomId".into(), room_id.as_str().into());
             }
-            Refusal::Offline { target } => {
+            Refusal::Offline { target } | Refusal::OutsideYourRoom { target } => {
                 data.insert("targetUid".into(), target.as_str().into());
             }
             Refusal::TooLarge { size, limit } => {

@@ -121,6 +121,8 @@ pub struct Options {
     pub track_ids_of: Option<String>,
     /// Send this real media (once through, then silence) instead of synthetic payloads.
     pub encoded: Option<Arc<super::media::EncodedMedia>>,
+    /// The access token for the handshake (a server with auth on).
+    pub token: Option<String>,
 }
 
 /// How much video a publisher sends: `video_burst` packets per frame at 30 frames/s, each with
@@ -236,6 +238,7 @@ impl TestPeer {
             media_runtime: None,
             track_ids_of: None,
             encoded: None,
+            token: None,
         };
         Self::join_with(addr, user, room, user_index, options).await
     }
@@ -256,8 +259,13 @@ impl TestPeer {
             media_runtime,
             track_ids_of,
             encoded,
+            token,
         } = options;
-        let client = Client::connect(addr, &query(user, Some(room)))
+        let mut handshake = query(user, Some(room));
+        if let Some(token) = &token {
+            handshake.push_str(&format!("&token={token}"));
+        }
+        let client = Client::connect(addr, &handshake)
             .await
             .expect("signaling connects");
         let observed = Arc::new(Observed::default());

@@ -70,6 +70,18 @@ pub fn sending_track_ids(sdp: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether the offer sends any audio or video (with or without `a=msid`).
+pub fn sends_media(sdp: &str) -> bool {
+    sections(sdp).iter().any(Section::sends)
+}
+
+/// Whether the offer has a data-channel section that is not rejected.
+pub fn has_data_section(sdp: &str) -> bool {
+    sections(sdp)
+        .iter()
+        .any(|s| s.media() == "application" && !s.rejected())
+}
+
 /// The simulcast rids a track is sent with (`a=rid:<rid> send`), in SDP order.
 pub fn simulcast_rids(sdp: &str, track_id: &str) -> Vec<String> {
     let Some(section) = section_of(sdp, track_id) else {
@@ -145,6 +157,16 @@ m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:4\r\n";
     #[test]
     fn finds_the_tracks_still_sent() {
         assert_eq!(sending_track_ids(OFFER), ["a-1", "v-1"]);
+    }
+
+    #[test]
+    fn tells_media_and_data_sections_apart() {
+        assert!(sends_media(OFFER) && has_data_section(OFFER));
+        let data_only = "v=0\r\nm=audio 9 UDP 111\r\na=recvonly\r\nm=video 0 UDP 96\r\n\
+m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
+        assert!(!sends_media(data_only) && has_data_section(data_only));
+        let rejected_data = "v=0\r\nm=application 0 UDP/DTLS/SCTP webrtc-datachannel\r\n";
+        assert!(!has_data_section(rejected_data));
     }
 
     #[test]

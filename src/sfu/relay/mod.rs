@@ -32,6 +32,8 @@ use slab::Slab;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 
+use crate::auth::Grants;
+
 pub use signaling::{Command, Reply};
 
 use super::Shared;
@@ -73,11 +75,14 @@ pub struct Member {
     pub negotiation: Negotiation,
     /// The subscriber connection carries a data section (offered once).
     pub has_channels: bool,
+    /// What the member's token allows.
+    pub grants: Grants,
 }
 
 impl Member {
     pub fn wants(&self, owner: &str, track_id: &str) -> bool {
-        owner != self.user
+        self.grants.subscribe
+            && owner != self.user
             && !self
                 .unsubscribed
                 .contains(&(owner.to_owned(), track_id.to_owned()))

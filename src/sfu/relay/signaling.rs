@@ -10,6 +10,8 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::{MediaState, Member};
+use crate::auth::Grants;
+
 use crate::sfu::api::{IceCandidate, PcKind, SfuError, SfuEvent, TrackInfo};
 use crate::sfu::forward::Quality;
 use crate::sfu::io::router::ConnRef;
@@ -23,6 +25,7 @@ pub enum Command {
         user: String,
         room: String,
         session: String,
+        grants: Grants,
         reply: Reply<()>,
     },
     Offer {
@@ -106,9 +109,10 @@ impl MediaState {
                 user,
                 room,
                 session,
+                grants,
                 reply,
             } => {
-                let joined = self.join(&user, &room, &session, now);
+                let joined = self.join(&user, &room, &session, grants, now);
                 if joined.is_err() {
                     // Not left to the requester, which may have gone meanwhile.
                     self.shared.directory().remove(&user, &session);
@@ -215,6 +219,7 @@ impl MediaState {
         user: &str,
         room: &str,
         session: &str,
+        grants: Grants,
         now: Instant,
     ) -> Result<(), SfuError> {
         if let Some(m) = self.members.get(user) {
@@ -239,6 +244,7 @@ impl MediaState {
                 publisher_sdp: String::new(),
                 negotiation: Default::default(),
                 has_channels: false,
+                grants,
             },
         );
         let r = self.rooms.entry(room.to_owned()).or_default();
@@ -324,6 +330,15 @@ impl MediaState {
         offer: String,
         now: Instant,
     ) -> Result<(), SfuError> {
+        let grants = self
+            .session_member(user, session, PcKind::Publisher)?
+            .grants;
+        if !grants.publish && sdp::sends_media(&offer) {
+            return Err(SfuError::NotGranted("publish"));
+        }
+        if !grants.publish_data && sdp::has_data_section(&offer) {
+            return Err(SfuError::NotGranted("publishData"));
+        }
         let key = self.publisher_conn(user, session, now)?;
         let result = self.answer_offer(key, offer.clone(), now);
         if result.is_err() {
