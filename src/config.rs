@@ -72,6 +72,7 @@ pub enum LogFormat {
 pub struct SignalConfig {
     pub max_message_bytes: usize,
     pub max_room_members: usize,
+    pub max_rooms_per_node: usize,
     pub events_per_second: f64,
     pub event_burst: u32,
     pub disconnect_after_refused: u32,
@@ -85,6 +86,7 @@ pub struct RedisConfig {
     pub heartbeat_ms: u64,
     pub node_ttl_ms: u64,
     pub command_timeout_ms: u64,
+    pub bus_queue_bytes: usize,
 }
 
 impl RedisConfig {
@@ -115,6 +117,9 @@ pub struct MediaConfig {
     pub data_channel_buffer_bytes: usize,
     pub max_tracks_per_member: usize,
     pub max_data_channels_per_member: usize,
+    pub max_session_starts_per_minute: u32,
+    pub max_sdp_bytes: usize,
+    pub max_data_message_bytes: u32,
 }
 
 impl MediaConfig {

@@ -104,7 +104,9 @@ impl Server {
                 let registry =
                     RedisRegistry::start(url, &node_id, &config.redis, reaped_tx).await?;
                 let timeout = config.redis.command_timeout();
-                let bus = Bus::start(url, &node_id, timeout, bus_tx, stop.clone()).await?;
+                let max_bytes = config.redis.bus_queue_bytes;
+                let bus =
+                    Bus::start(url, &node_id, timeout, max_bytes, bus_tx, stop.clone()).await?;
                 (registry, Some(bus))
             }
         };
@@ -130,6 +132,8 @@ impl Server {
             node_id: node_id.clone(),
             max_message_bytes: config.signal.max_message_bytes,
             max_room_members: config.signal.max_room_members,
+            max_sdp_bytes: config.media.max_sdp_bytes,
+            max_rooms_per_node: config.signal.max_rooms_per_node,
             budget: signal::limits::EventBudget::from_config(&config.signal),
             auth,
             webhooks,

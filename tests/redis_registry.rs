@@ -418,3 +418,48 @@ async fn a_client_gone_before_its_connection_was_recorded_leaves_no_trace() {
     assert_eq!(users, ["b"]);
     server.shutdown().await;
 }
+
+/// While Redis hangs, deliveries for other nodes wait in a queue bounded in bytes: big messages
+/// past `redis.bus_queue_bytes` are dropped (counted), local delivery goes on, and the queue
+/// drains once Redis is back.
+#[tokio::test]
+async fn the_bus_queue_is_bounded_in_bytes_while_redis_hangs() {
+    let redis = Redis::start();
+    let mut config = common::test_config();
+    config.redis.url = redis.url();
+    config.server.node_id = "n1".into();
+    config.redis.bus_queue_bytes = 4_000_000;
+    let server = switchboard::Server::start(config).await.expect("starts");
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    let b = join(addr, "b", Some("R")).await;
+    a.recv_msg_type("join", WAIT).await.unwrap();
+    redis.pause();
+    let big = "x".repeat(500_000);
+    for i in 0..20 {
+        let message = json!({ "i": i, "big": big });
+        b.emit("msg", &message).unwrap();
+        assert!(
+            recv_payload(&mut a, &message).await,
+            "local delivery goes on"
+        );
+    }
+    let bus = common::healthz(addr).await["bus"].clone();
+    let queued = bus["queuedBytes"].as_u64().unwrap();
+    assert!(queued <= 4_000_000, "{bus}");
+    assert!(queued >= 3_000_000, "the queue filled up: {bus}");
+    assert!(bus["dropped"].as_u64().unwrap() >= 12, "{bus}");
+    redis.resume();
+    let mut queued = u64::MAX;
+    for _ in 0..100 {
+        queued = common::healthz(addr).await["bus"]["queuedBytes"]
+            .as_u64()
+            .unwrap();
+        if queued == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(queued, 0, "the queue drains once redis is back");
+    server.shutdown().await;
+}

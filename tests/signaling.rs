@@ -566,3 +566,135 @@ async fn a_full_room_refuses_one_more_member() {
     assert_eq!(healthz(addr).await["connections"], 3);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_node_at_its_room_limit_refuses_only_a_new_room() {
+    let mut config = common::test_config();
+    config.signal.max_rooms_per_node = 2;
+    let server = switchboard::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    let _a = join(addr, "a", Some("R1")).await;
+    let b = join(addr, "b", Some("R2")).await;
+    match Client::connect(addr, &query("c", Some("R3"))).await {
+        Err(ClientError::Refused(msg)) => {
+            assert!(msg.contains("signal.max_rooms_per_node is 2"), "{msg}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a third room opened on a node of two"),
+    }
+    // Rooms it hosts stay open, and so do calls without a room.
+    let _d = join(addr, "d", Some("R1")).await;
+    let _e = join(addr, "e", None).await;
+    // Once a room is empty, another may take its place.
+    b.close();
+    let mut opened = false;
+    for _ in 0..50 {
+        if let Ok(c) = Client::connect(addr, &query("c", Some("R3"))).await {
+            opened = true;
+            c.close();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(opened, "R3 never opened after R2 emptied");
+    server.shutdown().await;
+}
+
+/// An SDP over `media.max_sdp_bytes` is refused with 413 before anything parses it; the
+/// connection stays and a normal offer is answered.
+#[tokio::test]
+async fn an_oversized_sdp_is_refused_with_413() {
+    let mut config = common::test_config();
+    config.media.max_sdp_bytes = 10_000;
+    let server = switchboard::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    let huge = format!("v=0\r\n{}", "a=x-filler\r\n".repeat(1000));
+    for event in ["offer", "answer"] {
+        let kind = if event == "offer" { "offer" } else { "answer" };
+        let pc = if event == "offer" {
+            "publisher"
+        } else {
+            "subscriber"
+        };
+        a.emit(
+            event,
+            &json!({"targetUid": "sfu", "pc": pc, "sdp": {"type": kind, "sdp": huge}}),
+        )
+        .unwrap();
+        let refused = a.recv_msg_type("error", WAIT).await.unwrap();
+        assert_eq!(refused["status"], 413, "{refused}");
+        assert_eq!(refused["data"]["event"], event, "{refused}");
+        assert!(
+            refused["msg"]
+                .as_str()
+                .unwrap()
+                .contains("media.max_sdp_bytes"),
+            "{refused}"
+        );
+    }
+    let offer = common::peer::sample_offer().await;
+    a.emit(
+        "offer",
+        &json!({"targetUid": "sfu", "sdp": {"type": "offer", "sdp": offer}}),
+    )
+    .unwrap();
+    let answer = a.recv_msg_type("answer", WAIT).await.unwrap();
+    assert!(
+        answer["data"]["sdp"]["sdp"]
+            .as_str()
+            .unwrap()
+            .starts_with("v=0")
+    );
+    server.shutdown().await;
+}
+
+/// A client looping `call` and `leave` gets a 429 past `media.max_session_starts_per_minute`;
+/// other users start theirs as usual. The answer advertises the data-message limit.
+#[tokio::test]
+async fn media_session_starts_are_limited_per_user_and_minute() {
+    let mut config = common::test_config();
+    config.media.max_session_starts_per_minute = 3;
+    config.media.max_data_message_bytes = 12_345;
+    let server = switchboard::Server::start(config).await.unwrap();
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    let sessions = async |n: u64| {
+        for _ in 0..100 {
+            if healthz(addr).await["mediaSessions"] == n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    };
+    for _ in 0..3 {
+        a.emit("call", &json!({"targetUid": "sfu"})).unwrap();
+        assert!(sessions(1).await, "the session started");
+        a.emit("leave", &json!({})).unwrap();
+        assert!(sessions(0).await, "the session ended");
+    }
+    a.emit("call", &json!({"targetUid": "sfu"})).unwrap();
+    let refused = a.recv_msg_type("error", WAIT).await.unwrap();
+    assert_eq!(refused["status"], 429, "{refused}");
+    assert!(
+        refused["msg"]
+            .as_str()
+            .unwrap()
+            .contains("max_session_starts_per_minute is 3"),
+        "{refused}"
+    );
+    assert_eq!(healthz(addr).await["media"]["sessionStartsRefused"], 1);
+
+    let mut b = join(addr, "b", Some("R")).await;
+    let offer = common::peer::sample_offer_with(true).await;
+    b.emit(
+        "offer",
+        &json!({"targetUid": "sfu", "sdp": {"type": "offer", "sdp": offer}}),
+    )
+    .unwrap();
+    let answer = b.recv_msg_type("answer", WAIT).await.unwrap();
+    let sdp = answer["data"]["sdp"]["sdp"].as_str().unwrap();
+    assert!(sdp.contains("a=max-message-size:12345"), "{sdp}");
+    server.shutdown().await;
+}

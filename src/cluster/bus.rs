@@ -7,7 +7,7 @@
 //! task publishes and retries, so a slow Redis never stalls a handler.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -53,6 +53,11 @@ pub struct Bus {
     origin: String,
     queue: mpsc::Sender<Vec<u8>>,
     full: AtomicBool,
+    /// Bytes of the frames waiting in `queue`, and the most allowed (`redis.bus_queue_bytes`).
+    queued_bytes: Arc<AtomicUsize>,
+    max_queued_bytes: usize,
+    /// Frames dropped because the queue was full.
+    pub dropped: AtomicU64,
 }
 
 impl Bus {
@@ -63,6 +68,7 @@ impl Bus {
         url: &str,
         origin: &str,
         timeout: Duration,
+        max_queued_bytes: usize,
         incoming: mpsc::UnboundedSender<BusEvent>,
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<Bus>> {
@@ -73,7 +79,8 @@ impl Bus {
             .set_number_of_retries(1);
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), conn_cfg)?;
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(publish_loop(conn, rx, stop.clone()));
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(publish_loop(conn, rx, queued_bytes.clone(), stop.clone()));
         let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
         tokio::spawn(subscribe_loop(
             client,
@@ -88,7 +95,15 @@ impl Bus {
             origin: origin.to_owned(),
             queue,
             full: AtomicBool::new(false),
+            queued_bytes,
+            max_queued_bytes,
+            dropped: AtomicU64::new(0),
         }))
+    }
+
+    /// Bytes waiting to be published.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
     }
 
     /// Queues an event for the other nodes. Never waits.
@@ -104,17 +119,25 @@ impl Bus {
                 return;
             }
         };
-        match self.queue.try_send(bytes) {
-            Ok(()) => {
-                if self.full.swap(false, Ordering::Relaxed) {
-                    info!("bus: queue has room again");
-                }
+        let size = bytes.len();
+        // Bounded in bytes as well as in frames: a frame may be a 1 MB message.
+        let queued = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        let sent = queued + size <= self.max_queued_bytes && self.queue.try_send(bytes).is_ok();
+        if sent {
+            if self.full.swap(false, Ordering::Relaxed) {
+                info!("bus: queue has room again");
             }
-            Err(_) => {
-                if !self.full.swap(true, Ordering::Relaxed) {
-                    warn!("bus: {QUEUE} deliveries waiting for redis; dropping new ones");
-                }
-            }
+            return;
+        }
+        self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        if !self.full.swap(true, Ordering::Relaxed) {
+            warn!(
+                "bus: {} bytes in {} deliveries waiting for redis (redis.bus_queue_bytes is {}); dropping new ones",
+                queued,
+                QUEUE - self.queue.capacity(),
+                self.max_queued_bytes
+            );
         }
     }
 }
@@ -122,6 +145,7 @@ impl Bus {
 async fn publish_loop(
     mut conn: ConnectionManager,
     mut rx: mpsc::Receiver<Vec<u8>>,
+    queued_bytes: Arc<AtomicUsize>,
     stop: CancellationToken,
 ) {
     let mut down = false;
@@ -137,6 +161,7 @@ async fn publish_loop(
                 .await;
             match sent {
                 Ok(_) => {
+                    queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
                     if std::mem::take(&mut down) {
                         info!("bus: publishing to redis again");
                     }

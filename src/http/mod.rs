@@ -77,7 +77,9 @@ fn media_stats(sfu: &crate::sfu::Sfu) -> Value {
         "mediaReceived": s.media_received.load(Relaxed),
                 "mediaRejected": s.media_rejected.load(Relaxed),
         "tracksRefused": s.tracks_refused.load(Relaxed),
-        "channelsRefused": s.channels_refused.load(Relaxed),
+                "channelsRefused": s.channels_refused.load(Relaxed),
+        "sessionStartsRefused": s.session_starts_refused.load(Relaxed),
+        "dataMessagesTooLarge": s.data_messages_too_large.load(Relaxed),
     })
 }
 
@@ -100,7 +102,11 @@ async fn healthz(State(http): State<Http>) -> Json<Value> {
         "mediaSessions": signal.sfu.member_count(),
         "dataMessagesDropped": signal.sfu.data_messages_dropped(),
         "media": media_stats(&signal.sfu),
-        "webhooks": signal.webhooks.stats().map(webhook_stats),
+                "webhooks": signal.webhooks.stats().map(webhook_stats),
+        "bus": signal.outbox.bus.as_ref().map(|bus| json!({
+            "queuedBytes": bus.queued_bytes(),
+            "dropped": bus.dropped.load(std::sync::atomic::Ordering::Relaxed),
+        })),
         "pid": std::process::id(),
         "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
     }))

@@ -22,14 +22,55 @@ pub struct Session<H> {
 
 /// The connections of this node, by userId, and the registry they are recorded in.
 pub struct Rooms<H> {
-    sessions: Mutex<HashMap<String, Session<H>>>,
+    local: Mutex<Local<H>>,
     registry: Arc<dyn RoomRegistry>,
+}
+
+/// This node's connections and how many of them each room has.
+struct Local<H> {
+    sessions: HashMap<String, Session<H>>,
+    rooms: HashMap<String, usize>,
+}
+
+impl<H> Local<H> {
+    fn insert(&mut self, user_id: &str, session: Session<H>) -> Option<Session<H>> {
+        if let Some(room) = &session.room_id {
+            *self.rooms.entry(room.clone()).or_default() += 1;
+        }
+        let previous = self.sessions.insert(user_id.to_owned(), session);
+        if let Some(p) = &previous {
+            self.forget_room(p.room_id.as_deref());
+        }
+        previous
+    }
+
+    fn remove(&mut self, user_id: &str) -> Option<Session<H>> {
+        let removed = self.sessions.remove(user_id);
+        if let Some(s) = &removed {
+            self.forget_room(s.room_id.as_deref());
+        }
+        removed
+    }
+
+    fn forget_room(&mut self, room: Option<&str>) {
+        if let Some(room) = room
+            && let Some(count) = self.rooms.get_mut(room)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.rooms.remove(room);
+            }
+        }
+    }
 }
 
 impl<H: Clone> Rooms<H> {
     pub fn new(registry: Arc<dyn RoomRegistry>) -> Self {
         Rooms {
-            sessions: Mutex::new(HashMap::new()),
+            local: Mutex::new(Local {
+                sessions: HashMap::new(),
+                rooms: HashMap::new(),
+            }),
             registry,
         }
     }
@@ -42,11 +83,7 @@ impl<H: Clone> Rooms<H> {
             room_id: session.room_id.clone(),
             token: session.token.clone(),
         };
-        let previous = self
-            .sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(user_id.to_owned(), session);
+        let previous = self.table().insert(user_id, session);
         self.registry.join(&member).await;
         previous
     }
@@ -54,9 +91,13 @@ impl<H: Clone> Rooms<H> {
     /// Removes a closed connection. Entries a newer connection of the user owns stay.
     pub async fn leave(&self, user_id: &str, room_id: Option<&str>, token: &str) {
         {
-            let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
-            if sessions.get(user_id).is_some_and(|s| s.token == token) {
-                sessions.remove(user_id);
+            let mut local = self.table();
+            if local
+                .sessions
+                .get(user_id)
+                .is_some_and(|s| s.token == token)
+            {
+                local.remove(user_id);
             }
         }
         let member = Member {
@@ -69,45 +110,50 @@ impl<H: Clone> Rooms<H> {
 
     /// Forgets the user's connection here because a newer one exists on another node.
     pub fn evict(&self, user_id: &str, newer_token: &str) -> Option<Session<H>> {
-        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
-        match sessions.get(user_id) {
-            Some(s) if s.token != newer_token => sessions.remove(user_id),
+        let mut local = self.table();
+        match local.sessions.get(user_id) {
+            Some(s) if s.token != newer_token => local.remove(user_id),
             _ => None,
         }
     }
 
     /// Whether `token` is the user's current connection on this node.
     pub fn is_current(&self, user_id: &str, token: &str) -> bool {
-        self.sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.table()
+            .sessions
             .get(user_id)
             .is_some_and(|s| s.token == token)
     }
 
     /// The user's connection on this node.
     pub fn local(&self, user_id: &str) -> Option<Session<H>> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(user_id)
-            .cloned()
+        self.table().sessions.get(user_id).cloned()
     }
 
     pub fn local_count(&self) -> usize {
-        self.sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.table().sessions.len()
     }
 
     pub fn local_handles(&self) -> Vec<H> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.table()
+            .sessions
             .values()
             .map(|s| s.handle.clone())
             .collect()
+    }
+
+    /// Whether a connection of this node is in `room_id`.
+    pub fn hosts(&self, room_id: &str) -> bool {
+        self.table().rooms.contains_key(room_id)
+    }
+
+    /// Rooms with a connection on this node.
+    pub fn local_rooms(&self) -> usize {
+        self.table().rooms.len()
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Local<H>> {
+        self.local.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub async fn members(&self, room_id: &str) -> RoomListing {
@@ -160,11 +206,11 @@ mod tests {
         assert_eq!(rooms.join("u", session(1, Some("R"))).await, None);
         let poisoner = rooms.clone();
         let panicked = std::thread::spawn(move || {
-            let _held = poisoner.sessions.lock();
+            let _held = poisoner.local.lock();
             panic!("a bug while the table is locked");
         })
         .join();
-        assert!(panicked.is_err() && rooms.sessions.is_poisoned());
+        assert!(panicked.is_err() && rooms.local.is_poisoned());
         assert_eq!(rooms.local_count(), 1);
         assert_eq!(rooms.join("v", session(2, Some("R"))).await, None);
         rooms.leave("u", Some("R"), "n/1").await;
@@ -179,5 +225,21 @@ mod tests {
         assert_eq!(rooms.evict("u", "n/1"), None);
         assert_eq!(rooms.evict("u", "other/9"), Some(session(1, None)));
         assert_eq!(rooms.local_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn counts_the_rooms_this_node_hosts() {
+        let rooms = Rooms::new(Arc::new(MemoryRegistry::new()));
+        rooms.join("u", session(1, Some("A"))).await;
+        rooms.join("v", session(2, Some("A"))).await;
+        rooms.join("w", session(3, None)).await;
+        assert_eq!((rooms.local_rooms(), rooms.hosts("A")), (1, true));
+        // The same user again, in another room: A keeps v, B is new.
+        rooms.join("u", session(4, Some("B"))).await;
+        assert_eq!(rooms.local_rooms(), 2);
+        rooms.leave("v", Some("A"), "n/2").await;
+        assert!(!rooms.hosts("A"));
+        assert_eq!(rooms.evict("u", "other/9"), Some(session(4, Some("B"))));
+        assert_eq!(rooms.local_rooms(), 0);
     }
 }

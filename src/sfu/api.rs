@@ -125,6 +125,8 @@ pub enum SfuError {
     TooManyTracks(usize),
     #[error("too many data channels: media.max_data_channels_per_member is {0}")]
     TooManyChannels(usize),
+    #[error("too many media sessions started: media.max_session_starts_per_minute is {0}")]
+    TooManyStarts(u32),
     /// The member's token does not allow it (the grant's name).
     #[error("your token does not grant {0}")]
     NotGranted(&'static str),

@@ -25,10 +25,11 @@ pub mod io;
 pub mod peer;
 pub mod relay;
 pub mod rooms;
+mod starts;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
@@ -71,6 +72,10 @@ pub struct Stats {
     /// Tracks and data channels refused because their member had published the most allowed.
     pub tracks_refused: AtomicU64,
     pub channels_refused: AtomicU64,
+    /// Media sessions refused: their user started too many this minute.
+    pub session_starts_refused: AtomicU64,
+    /// Data-channel messages over `media.max_data_message_bytes`, not relayed.
+    pub data_messages_too_large: AtomicU64,
 }
 
 impl Stats {
@@ -108,6 +113,7 @@ pub struct Sfu {
     shared: Arc<Shared>,
     is_current: SessionCheck,
     media_addr: SocketAddr,
+    starts: Mutex<starts::SessionStarts>,
 }
 
 fn stopped() -> SfuError {
@@ -159,6 +165,9 @@ impl Sfu {
             shared,
             is_current,
             media_addr,
+            starts: Mutex::new(starts::SessionStarts::new(
+                config.max_session_starts_per_minute,
+            )),
         }))
     }
 
@@ -226,6 +235,16 @@ impl Sfu {
             if !(self.is_current)(user, session) {
                 return Err(SfuError::NoConnection(PcKind::Subscriber));
             }
+            let mut starts = self.starts.lock().unwrap_or_else(PoisonError::into_inner);
+            if !starts.allow(user, std::time::Instant::now()) {
+                self.shared
+                    .stats
+                    .session_starts_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%user, "media session refused: too many started this minute");
+                return Err(SfuError::TooManyStarts(starts.limit()));
+            }
+            drop(starts);
             if let Some(old) = directory.get(user).cloned() {
                 directory.remove(user, &old.session);
                 let (done, _) = oneshot::channel();

@@ -99,6 +99,17 @@ pub async fn authenticate(
             ));
         }
     }
+    if let Some(room) = &identity.room_id
+        && app.max_rooms_per_node > 0
+        && !app.outbox.rooms.hosts(room)
+        && app.outbox.rooms.local_rooms() >= app.max_rooms_per_node
+    {
+        let limit = app.max_rooms_per_node;
+        warn!(room = %room, limit, "join refused: this node hosts its most rooms");
+        return Err(format!(
+            "this node hosts its most rooms: signal.max_rooms_per_node is {limit}"
+        ));
+    }
     let token = format!("{}/{}", app.node_id, s.id);
     s.extensions.insert(Arc::new(Conn {
         user_id: identity.user_id,

@@ -77,6 +77,7 @@ fn refusal(e: SfuError) -> Refusal {
         | SfuError::TrackIdInUse(_)
         | SfuError::TooManyTracks(_)
         | SfuError::TooManyChannels(_) => 409,
+        SfuError::TooManyStarts(_) => 429,
         SfuError::Internal(_) => 500,
     };
     Refusal::Media {
@@ -106,6 +107,7 @@ pub async fn to_sfu(
         Directed::Call => sfu.join(user, room, session, grants).await.map(drop),
         Directed::Offer => {
             let p: SdpPayload = parse(payload)?;
+            sdp_size(app, &p.sdp.sdp)?;
             if pc_kind(p.pc.as_deref())? != PcKind::Publisher || p.sdp.kind != "offer" {
                 return Err(Refusal::Malformed(
                     "the client offers on the publisher connection only".into(),
@@ -115,6 +117,7 @@ pub async fn to_sfu(
         }
         Directed::Answer => {
             let p: SdpPayload = parse(payload)?;
+            sdp_size(app, &p.sdp.sdp)?;
             // Without `pc`, an answer is for the subscriber: the only connection a client answers.
             let pc =
                 p.pc.as_deref()
@@ -138,6 +141,21 @@ pub async fn to_sfu(
         sfu.leave(user, session).await;
     }
     result.map_err(refusal)
+}
+
+/// An SDP over `media.max_sdp_bytes` is refused before anything parses it.
+fn sdp_size(app: &super::Signal, sdp: &str) -> Result<(), Refusal> {
+    if sdp.len() > app.max_sdp_bytes {
+        return Err(Refusal::Media {
+            status: 413,
+            reason: format!(
+                "SDP of {} bytes exceeds media.max_sdp_bytes ({})",
+                sdp.len(),
+                app.max_sdp_bytes
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Whether this connection is still the user's current one on this node.

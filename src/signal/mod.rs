@@ -37,6 +37,10 @@ pub struct Signal {
     pub webhooks: crate::webhook::Webhooks,
     /// Each socket's event budget.
     pub budget: limits::EventBudget,
+    /// `media.max_sdp_bytes`.
+    pub max_sdp_bytes: usize,
+    /// `signal.max_rooms_per_node` (0: no limit).
+    pub max_rooms_per_node: usize,
     /// Checks access tokens; `None`: auth is off, everyone may do everything.
     pub auth: Option<Arc<crate::auth::Verifier>>,
 }

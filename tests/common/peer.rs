@@ -677,9 +677,17 @@ async fn dispatch(
 /// Builds a peer connection on the member's media runtime (see [`Options::media_runtime`]).
 /// A real offer from a webrtc-rs client with one audio track, for tests that signal by hand.
 pub async fn sample_offer() -> String {
+    sample_offer_with(false).await
+}
+
+/// [`sample_offer`], with a data channel when `data`.
+pub async fn sample_offer_with(data: bool) -> String {
     let (pc, _events) = factory().build().await.expect("peer connection");
     let audio = local_track("sample", "sample-audio", RtpCodecKind::Audio, AUDIO_SSRC);
     pc.add_track(audio as Arc<dyn TrackLocal>).await.unwrap();
+    if data {
+        pc.create_data_channel("chat", None).await.unwrap();
+    }
     let offer = pc.create_offer(None).await.unwrap();
     pc.set_local_description(offer.clone()).await.unwrap();
     let _ = pc.close().await;

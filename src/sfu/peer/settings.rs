@@ -15,7 +15,9 @@ use rtc::peer_connection::configuration::interceptor_registry::{
 use rtc::peer_connection::configuration::media_engine::{
     MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MIME_TYPE_VP9, MediaEngine,
 };
-use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::configuration::setting_engine::{
+    SctpMaxMessageSize, SettingEngineBuilder,
+};
 use rtc::peer_connection::transport::RTCDtlsRole;
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtp_transceiver::rtp_sender::{
@@ -175,6 +177,8 @@ pub struct PeerSettings {
     /// What one member may publish (`media.max_tracks_per_member`, `..._data_channels_...`).
     pub max_tracks: usize,
     pub max_channels: usize,
+    /// `media.max_data_message_bytes`: advertised, and larger messages are not relayed.
+    pub max_data_message: usize,
 }
 
 impl PeerSettings {
@@ -196,6 +200,7 @@ impl PeerSettings {
             ice_failed: Duration::from_millis(config.ice_failed_ms),
             max_tracks: config.max_tracks_per_member,
             max_channels: config.max_data_channels_per_member,
+            max_data_message: config.max_data_message_bytes as usize,
         })
     }
 
@@ -233,6 +238,7 @@ impl PeerSettings {
             .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
             .with_srflx_acceptance_min_wait(Some(Duration::ZERO))
             .with_ice_timeouts(Some(self.ice_disconnected), Some(self.ice_failed), None)
+            .with_sctp_max_message_size(SctpMaxMessageSize::Bounded(self.max_data_message as u32))
             .build();
         let configuration = RTCConfigurationBuilder::new()
             .with_certificates(vec![self.certificate.clone()])

@@ -148,6 +148,17 @@ impl MediaState {
         let Some(c) = conn.channel(id) else {
             return;
         };
+        if message.data.len() > self.settings.max_data_message {
+            let stats = &self.shared.stats;
+            if stats
+                .data_messages_too_large
+                .fetch_add(1, Ordering::Relaxed)
+                == 0
+            {
+                warn!(user = %conn.user, size = message.data.len(), "a data-channel message over media.max_data_message_bytes: not relayed");
+            }
+            return;
+        }
         let limit = self.data_channel_limit;
         let mut touched = Vec::new();
         let mut dropped = 0;
