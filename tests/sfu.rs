@@ -398,6 +398,7 @@ async fn members_joining_together_cost_each_subscriber_one_offer() {
         track_ids_of: None,
         encoded: None,
         token: None,
+        without_msid: false,
     };
     let (x, y, z) = tokio::join!(
         TestPeer::join_with(addr, "x", "R", 1, held()),
@@ -594,6 +595,7 @@ async fn rtcp_feedback_flows_both_ways() {
         track_ids_of: None,
         encoded: None,
         token: None,
+        without_msid: false,
     };
     let a = TestPeer::join_with(addr, "alice", "R", 1, lossy).await;
     let b = TestPeer::join(addr, "bob", "R", 2, false).await;
@@ -685,6 +687,7 @@ async fn a_subscriber_gets_a_track_only_in_a_codec_its_answer_accepts() {
         track_ids_of: None,
         encoded: None,
         token: None,
+        without_msid: false,
     };
     let b = TestPeer::join_with(addr, "bob", "R", 2, h264_only).await;
     let c = TestPeer::join(addr, "carol", "R", 3, false).await;
@@ -1074,6 +1077,48 @@ async fn publishing_past_the_member_limits_is_refused_and_counted() {
         ),
         (Some(1), Some(1)),
         "{media}"
+    );
+    a.close().await;
+    b.close().await;
+    server.shutdown().await;
+}
+
+/// A client that leaves `a=msid` out (some that are not browsers do): its tracks go by their
+/// mid, and an offer that changes nothing keeps them published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracks_without_msid_go_by_their_mid_and_survive_renegotiation() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let options = Options {
+        publish: true,
+        chat: true,
+        without_msid: true,
+        ..Default::default()
+    };
+    let a = TestPeer::join_with(addr, "alice", "R", 1, options).await;
+    let b = TestPeer::join(addr, "bob", "R", 2, false).await;
+    let ids = || {
+        let mut ids: Vec<String> = (b.tracks_from("alice").into_iter())
+            .filter(|t| t.packets >= 5)
+            .map(|t| t.track_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let by_mid = eventually(MEDIA_WAIT, || ids() == ["alice-mid0", "alice-mid1"]).await;
+    assert!(by_mid, "{}", b.summary());
+    a.offer_again().await;
+    assert!(
+        eventually(MEDIA_WAIT, || a.envelopes_of("answer").len() >= 2).await,
+        "{}",
+        a.summary()
+    );
+    assert!(keeps_receiving(&b, "alice").await, "{}", b.summary());
+    assert_eq!(ids(), ["alice-mid0", "alice-mid1"], "{}", b.summary());
+    assert!(
+        b.envelopes_of("trackUnpublished").is_empty(),
+        "{:?}",
+        b.envelopes_of("trackUnpublished")
     );
     a.close().await;
     b.close().await;

@@ -123,6 +123,8 @@ pub struct Options {
     pub encoded: Option<Arc<super::media::EncodedMedia>>,
     /// The access token for the handshake (a server with auth on).
     pub token: Option<String>,
+    /// Offers without `a=msid` (as some clients that are not browsers send them).
+    pub without_msid: bool,
 }
 
 /// How much video a publisher sends: `video_burst` packets per frame at 30 frames/s, each with
@@ -160,6 +162,29 @@ pub struct TestPeer {
     running: Arc<AtomicBool>,
     pub audio_id: String,
     pub video_id: String,
+    without_msid: bool,
+}
+
+/// A publisher offer to `sfu` (without `a=msid` lines when `without_msid`).
+async fn send_offer(
+    pc: &Arc<dyn PeerConnection>,
+    out: &mpsc::UnboundedSender<(String, Value)>,
+    without_msid: bool,
+) {
+    let offer = pc.create_offer(None).await.unwrap();
+    pc.set_local_description(offer.clone()).await.unwrap();
+    let sdp = if without_msid {
+        let kept: Vec<&str> = (offer.sdp.split("\r\n"))
+            .filter(|l| !l.starts_with("a=msid:") && !l.contains(" msid:"))
+            .collect();
+        kept.join("\r\n")
+    } else {
+        offer.sdp
+    };
+    let _ = out.send((
+        "offer".into(),
+        json!({"targetUid": "sfu", "pc": "publisher", "sdp": {"type": "offer", "sdp": sdp}}),
+    ));
 }
 
 fn factory() -> ClientFactory {
@@ -239,6 +264,7 @@ impl TestPeer {
             track_ids_of: None,
             encoded: None,
             token: None,
+            without_msid: false,
         };
         Self::join_with(addr, user, room, user_index, options).await
     }
@@ -260,6 +286,7 @@ impl TestPeer {
             track_ids_of,
             encoded,
             token,
+            without_msid,
         } = options;
         let mut handshake = query(user, Some(room));
         if let Some(token) = &token {
@@ -359,12 +386,7 @@ impl TestPeer {
             for local in [video, audio_for_feedback] {
                 tokio::spawn(count_feedback(local, observed.clone()));
             }
-            let offer = pc.create_offer(None).await.unwrap();
-            pc.set_local_description(offer.clone()).await.unwrap();
-            let _ = out_tx.send((
-                "offer".into(),
-                json!({"targetUid": "sfu", "pc": "publisher", "sdp": {"type": "offer", "sdp": offer.sdp}}),
-            ));
+            send_offer(&pc, &out_tx, without_msid).await;
         } else {
             let _ = out_tx.send(("call".into(), json!({"targetUid": "sfu"})));
         }
@@ -378,7 +400,15 @@ impl TestPeer {
             running,
             audio_id,
             video_id,
+            without_msid,
         }
+    }
+
+    /// Offers the publisher connection again, unchanged (a renegotiation that keeps every
+    /// track).
+    pub async fn offer_again(&self) {
+        let pc = self.connections.publisher.as_ref().expect("a publisher");
+        send_offer(pc, &self.out, self.without_msid).await;
     }
 
     pub fn emit(&self, event: &str, data: Value) {
@@ -662,7 +692,7 @@ async fn dispatch(
             observed.envelopes.lock().unwrap().push(first.clone());
             if let Some(sdp) = subscriber_offer(&first) {
                 observed.subscriber_offers.fetch_add(1, Ordering::SeqCst);
-                *observed.offered.lock().unwrap() = sending_track_ids(sdp);
+                *observed.offered.lock().unwrap() = sending_track_ids(sdp, "");
             }
             let new_subscriber = async || Ok(new_subscriber(&observed, &out_tx).await);
             connections

@@ -32,9 +32,13 @@ impl<'a> Section<'a> {
             .any(|l| l.strip_prefix("a=") == Some(flag))
     }
 
-    /// The track id of `a=msid:<stream> <track>`.
-    fn track_id(&self) -> Option<&'a str> {
-        self.attr("msid").find_map(|v| v.split(' ').nth(1))
+    /// The id this section's track goes by: the track id of `a=msid:<stream> <track>`, or,
+    /// without one (clients that are not browsers may leave it out), one made from its mid.
+    fn track_id(&self, owner: &str) -> Option<String> {
+        match self.attr("msid").find_map(|v| v.split(' ').nth(1)) {
+            Some(id) => Some(id.to_owned()),
+            None => self.attr("mid").next().map(|mid| mid_track_id(owner, mid)),
+        }
     }
 
     fn sends(&self) -> bool {
@@ -55,18 +59,24 @@ fn sections(sdp: &str) -> Vec<Section<'_>> {
     out
 }
 
-fn section_of<'a>(sdp: &'a str, track_id: &str) -> Option<Section<'a>> {
+fn section_of<'a>(sdp: &'a str, owner: &str, track_id: &str) -> Option<Section<'a>> {
     sections(sdp)
         .into_iter()
-        .find(|s| s.track_id() == Some(track_id))
+        .find(|s| s.track_id(owner).as_deref() == Some(track_id))
 }
 
-/// Track ids the offer still sends.
-pub fn sending_track_ids(sdp: &str) -> Vec<String> {
+/// The id of a track whose section has no `a=msid`: `<owner>-mid<mid>` (unique in its room,
+/// as track ids must be: two such publishers use the same mids).
+pub fn mid_track_id(owner: &str, mid: &str) -> String {
+    format!("{owner}-mid{mid}")
+}
+
+/// Ids of the tracks `owner`'s offer still sends.
+pub fn sending_track_ids(sdp: &str, owner: &str) -> Vec<String> {
     sections(sdp)
         .iter()
         .filter(|s| s.sends())
-        .filter_map(|s| s.track_id().map(str::to_owned))
+        .filter_map(|s| s.track_id(owner))
         .collect()
 }
 
@@ -83,8 +93,8 @@ pub fn has_data_section(sdp: &str) -> bool {
 }
 
 /// The simulcast rids a track is sent with (`a=rid:<rid> send`), in SDP order.
-pub fn simulcast_rids(sdp: &str, track_id: &str) -> Vec<String> {
-    let Some(section) = section_of(sdp, track_id) else {
+pub fn simulcast_rids(sdp: &str, owner: &str, track_id: &str) -> Vec<String> {
+    let Some(section) = section_of(sdp, owner, track_id) else {
         return Vec::new();
     };
     section
@@ -98,8 +108,8 @@ pub fn simulcast_rids(sdp: &str, track_id: &str) -> Vec<String> {
 }
 
 /// `(uri, id)` of the header extensions the track's section declares (`a=extmap:<id> <uri>`).
-pub fn extension_ids(sdp: &str, track_id: &str) -> Vec<(String, u8)> {
-    let Some(section) = section_of(sdp, track_id) else {
+pub fn extension_ids(sdp: &str, owner: &str, track_id: &str) -> Vec<(String, u8)> {
+    let Some(section) = section_of(sdp, owner, track_id) else {
         return Vec::new();
     };
     section
@@ -156,7 +166,7 @@ m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:4\r\n";
 
     #[test]
     fn finds_the_tracks_still_sent() {
-        assert_eq!(sending_track_ids(OFFER), ["a-1", "v-1"]);
+        assert_eq!(sending_track_ids(OFFER, "alice"), ["a-1", "v-1"]);
     }
 
     #[test]
@@ -170,16 +180,30 @@ m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
     }
 
     #[test]
+    fn a_section_without_msid_goes_by_its_mid() {
+        let offer = OFFER.replace("a=msid:alice v-1\r\n", "");
+        assert_eq!(sending_track_ids(&offer, "alice"), ["a-1", "alice-mid1"]);
+        assert_eq!(
+            simulcast_rids(&offer, "alice", "alice-mid1"),
+            ["q", "h", "f"]
+        );
+        assert_eq!(
+            extension_ids(&offer, "alice", "alice-mid1"),
+            [("urn:3gpp:video-orientation".to_owned(), 13)]
+        );
+    }
+
+    #[test]
     fn reads_simulcast_rids() {
-        assert_eq!(simulcast_rids(OFFER, "v-1"), ["q", "h", "f"]);
-        assert!(simulcast_rids(OFFER, "a-1").is_empty());
-        assert!(simulcast_rids(OFFER, "nope").is_empty());
+        assert_eq!(simulcast_rids(OFFER, "alice", "v-1"), ["q", "h", "f"]);
+        assert!(simulcast_rids(OFFER, "alice", "a-1").is_empty());
+        assert!(simulcast_rids(OFFER, "alice", "nope").is_empty());
     }
 
     #[test]
     fn reads_extension_ids_per_track() {
         assert_eq!(
-            extension_ids(OFFER, "a-1"),
+            extension_ids(OFFER, "alice", "a-1"),
             [
                 ("urn:ietf:params:rtp-hdrext:ssrc-audio-level".to_owned(), 1),
                 (
@@ -190,7 +214,7 @@ m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
             ]
         );
         assert_eq!(
-            extension_ids(OFFER, "v-1"),
+            extension_ids(OFFER, "alice", "v-1"),
             [("urn:3gpp:video-orientation".to_owned(), 13)]
         );
     }
@@ -212,7 +236,7 @@ m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
 
     #[test]
     fn garbage_yields_nothing() {
-        assert!(sending_track_ids("not an sdp\r\nm=\r\na=msid:").is_empty());
-        assert!(extension_ids("m=audio 9\r\na=extmap:x y\r\na=msid:s t", "t").is_empty());
+        assert!(sending_track_ids("not an sdp\r\nm=\r\na=msid:", "u").is_empty());
+        assert!(extension_ids("m=audio 9\r\na=extmap:x y\r\na=msid:s t", "u", "t").is_empty());
     }
 }

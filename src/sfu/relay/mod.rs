@@ -257,7 +257,7 @@ impl MediaState {
             match ingress.receive(source, srtp, data, now) {
                 Ok(Some((t, packet))) => {
                     self.received.media += 1;
-                    self.forward(t, tracks::from_rtc(packet), now);
+                    self.forward(t, packet, now);
                 }
                 Ok(None) => self.received.media += 1,
                 Err(_) => self.received.rejected += 1,

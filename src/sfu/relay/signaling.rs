@@ -359,7 +359,7 @@ impl MediaState {
         result?;
         self.send_candidates(key);
         // A track the offer no longer sends is unpublished (rtc never ends it by itself).
-        let sending = sdp::sending_track_ids(&offer);
+        let sending = sdp::sending_track_ids(&offer, user);
         if let Some(m) = self.members.get_mut(user) {
             m.publisher_sdp = offer;
         }

@@ -7,12 +7,14 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::RTCPeerConnection;
 use rtc::peer_connection::event::RTCTrackEventInit;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
+use rtc::rtp_transceiver::RTCRtpReceiverId;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpRtxParameters, RtpCodecKind,
 };
@@ -47,13 +49,24 @@ impl PublishedTrack {
     }
 }
 
+/// The mid of the transceiver a receiver belongs to.
+fn receiver_mid(pc: &mut RTCPeerConnection, receiver: RTCRtpReceiverId) -> Option<String> {
+    let transceivers: Vec<_> = pc.get_transceivers().collect();
+    let id = transceivers
+        .into_iter()
+        .find(|&t| RTCRtpReceiverId::from(t) == receiver)?;
+    pc.rtp_transceiver(id)?.mid().clone()
+}
+
 /// A fresh SSRC for a subscriber's copy of a track (never 0).
 fn random_ssrc() -> u32 {
     (crate::random_u64() as u32) | 1
 }
 
-/// rtc's parsed packet into the core's form (payload and extension values stay shared).
-pub(super) fn from_rtc(p: rtp::Packet) -> RtpPacket {
+/// rtc's parsed packet into the core's form (payload and extension values stay shared). Only
+/// the extensions the track forwards (`ext_ids`) are kept: a packet may carry a dozen, and the
+/// core holds at most `MAX_EXTENSIONS`.
+fn from_rtc(p: rtp::Packet, ext_ids: &[(String, u8)]) -> RtpPacket {
     let h = p.header;
     let mut header = RtpHeader {
         marker: h.marker,
@@ -64,7 +77,9 @@ pub(super) fn from_rtc(p: rtp::Packet) -> RtpPacket {
         ..Default::default()
     };
     for e in h.extensions {
-        header.extensions.push(e.id, e.payload);
+        if ext_ids.iter().any(|(_, id)| *id == e.id) {
+            header.extensions.push(e.id, e.payload);
+        }
     }
     RtpPacket {
         header,
@@ -90,7 +105,15 @@ impl MediaState {
     pub(super) fn on_track(&mut self, key: ConnKey, init: RTCTrackEventInit, now: Instant) {
         let conn = &mut self.conns[key];
         let user = conn.user.clone();
-        let (ssrc, rid, track_id) = (init.ssrc, init.rid.clone(), init.track_id.clone());
+        let (ssrc, rid) = (init.ssrc, init.rid.clone());
+        let track_id = match init.track_id.as_str() {
+            // No `a=msid`: the track goes by its section's mid.
+            "" => match receiver_mid(&mut conn.pc, init.receiver_id) {
+                Some(mid) => sdp::mid_track_id(&user, &mid),
+                None => return,
+            },
+            id => id.to_owned(),
+        };
         let Some((codec, kind)) = conn.pc.rtp_receiver(init.receiver_id).map(|r| {
             let t = r.track();
             (t.codec(ssrc).cloned(), t.kind())
@@ -174,11 +197,11 @@ impl MediaState {
             });
             return;
         }
-        let ext_ids = sdp::extension_ids(&member.publisher_sdp, &track_id)
+        let ext_ids = sdp::extension_ids(&member.publisher_sdp, &user, &track_id)
             .into_iter()
             .filter(|(uri, _)| FORWARDED_EXTENSIONS.contains(&uri.as_str()))
             .collect();
-        let simulcast = sdp::simulcast_rids(&member.publisher_sdp, &track_id);
+        let simulcast = sdp::simulcast_rids(&member.publisher_sdp, &user, &track_id);
         let mut forwarder = TrackForwarder::new(forward_codec);
         forwarder.set_rids(&simulcast);
         forwarder.add_layer(ssrc, rid.as_deref());
@@ -578,16 +601,17 @@ impl MediaState {
         let Some(Some(t)) = conn.inbound_track(packet.header.ssrc) else {
             return; // not forwarded (or its track announcement is still to come)
         };
-        self.forward(t, from_rtc(packet), now);
+        self.forward(t, packet, now);
     }
 
     /// A publisher's packet for track `t`: fanned out to every down-track, straight into the
     /// send batch.
-    pub(super) fn forward(&mut self, t: usize, packet: RtpPacket, now: Instant) {
+    pub(super) fn forward(&mut self, t: usize, packet: rtp::Packet, now: Instant) {
         let (tracks, conns, batch) = (&mut self.tracks, &mut self.conns, &mut self.batch);
         let Some(track) = tracks.get_mut(t) else {
             return;
         };
+        let packet = from_rtc(packet, &track.ext_ids);
         let PublishedTrack {
             forwarder,
             recording,
@@ -760,5 +784,37 @@ impl MediaState {
         if let Some(layer) = layer {
             self.request_keyframe(t, layer, now);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Chrome sends a dozen extensions with video; the forwarded one may come last.
+    #[test]
+    fn the_forwarded_extension_survives_a_packet_with_many() {
+        let mut header = rtp::header::Header {
+            version: 2,
+            extension: true,
+            extension_profile: 0xBEDE,
+            ..Default::default()
+        };
+        for id in 1..=12u8 {
+            header
+                .set_extension(id, Bytes::from(vec![id]))
+                .expect("one-byte extension");
+        }
+        let packet = rtp::Packet {
+            header,
+            payload: Bytes::from_static(b"frame"),
+        };
+        let orientation = vec![("urn:3gpp:video-orientation".to_owned(), 12)];
+        let kept = from_rtc(packet, &orientation);
+        assert_eq!(kept.header.extensions.len(), 1);
+        assert_eq!(
+            kept.header.extensions.get(12),
+            Some(&Bytes::from_static(&[12]))
+        );
     }
 }
