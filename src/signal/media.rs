@@ -1,72 +1,14 @@
 //! PROTOCOL.md Part 2 at the edge: signaling with the reserved member `sfu`, the track events,
 //! and the SFU's notices turned into `msg` envelopes.
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, Event, Extension, SocketRef, State};
 use tracing::debug;
 
 use super::protocol::{Directed, Envelope, Refusal};
+use super::requests::{self, MediaRequest};
 use super::{App, Conn, accept, refuse};
-use crate::sfu::api::{IceCandidate, PcKind, SfuError, SfuEvent};
-use crate::sfu::forward::Quality;
-
-#[derive(Deserialize)]
-struct SdpBody {
-    #[serde(rename = "type")]
-    kind: String,
-    sdp: String,
-}
-
-#[derive(Deserialize)]
-struct SdpPayload {
-    #[serde(default)]
-    pc: Option<String>,
-    sdp: SdpBody,
-}
-
-#[derive(Deserialize)]
-struct CandidatePayload {
-    #[serde(default)]
-    pc: Option<String>,
-    candidate: Option<IceCandidate>,
-}
-
-/// `pc` as sent: absent means the publisher connection.
-fn pc_kind(pc: Option<&str>) -> Result<PcKind, Refusal> {
-    match pc {
-        None | Some("publisher") => Ok(PcKind::Publisher),
-        Some("subscriber") => Ok(PcKind::Subscriber),
-        Some(other) => Err(Refusal::Malformed(format!(
-            "pc must be \"publisher\" or \"subscriber\", not {other:?}"
-        ))),
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SubscribePayload {
-    track_ids: Vec<String>,
-    subscribe: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct QualityPayload {
-    track_id: String,
-    quality: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MutePayload {
-    track_id: String,
-    muted: bool,
-}
-
-fn parse<T: serde::de::DeserializeOwned>(payload: rmpv::Value) -> Result<T, Refusal> {
-    rmpv::ext::from_value(payload).map_err(|e| Refusal::Malformed(e.to_string()))
-}
+use crate::sfu::api::{SfuError, SfuEvent};
 
 fn refusal(e: SfuError) -> Refusal {
     let status = match e {
@@ -103,59 +45,21 @@ pub async fn to_sfu(
     if !is_current(app, conn) {
         return Ok(()); // the connection is closing: start nothing
     }
-    let result = match kind {
-        Directed::Call => sfu.join(user, room, session, grants).await.map(drop),
-        Directed::Offer => {
-            let p: SdpPayload = parse(payload)?;
-            sdp_size(app, &p.sdp.sdp)?;
-            if pc_kind(p.pc.as_deref())? != PcKind::Publisher || p.sdp.kind != "offer" {
-                return Err(Refusal::Malformed(
-                    "the client offers on the publisher connection only".into(),
-                ));
-            }
-            sfu.offer(user, room, session, grants, p.sdp.sdp).await
-        }
-        Directed::Answer => {
-            let p: SdpPayload = parse(payload)?;
-            sdp_size(app, &p.sdp.sdp)?;
-            // Without `pc`, an answer is for the subscriber: the only connection a client answers.
-            let pc =
-                p.pc.as_deref()
-                    .map_or(Ok(PcKind::Subscriber), |pc| pc_kind(Some(pc)))?;
-            if pc != PcKind::Subscriber || p.sdp.kind != "answer" {
-                return Err(Refusal::Malformed(
-                    "the client answers on the subscriber connection only".into(),
-                ));
-            }
-            sfu.answer(user, session, p.sdp.sdp).await
-        }
-        Directed::Candidate => {
-            let p: CandidatePayload = parse(payload)?;
-            let pc = pc_kind(p.pc.as_deref())?;
-            sfu.candidate(user, room, session, grants, pc, p.candidate)
+    let result = match requests::parse(kind.event(), payload, app.max_sdp_bytes)? {
+        MediaRequest::Call => sfu.join(user, room, session, grants).await.map(drop),
+        MediaRequest::Offer { sdp } => sfu.offer(user, room, session, grants, sdp).await,
+        MediaRequest::Answer { sdp } => sfu.answer(user, session, sdp).await,
+        MediaRequest::Candidate { pc, candidate } => {
+            sfu.candidate(user, room, session, grants, pc, candidate)
                 .await
         }
+        _ => return Err(Refusal::UnknownEvent),
     };
     // Handlers run concurrently: if the connection closed meanwhile, undo what this started.
     if !is_current(app, conn) {
         sfu.leave(user, session).await;
     }
     result.map_err(refusal)
-}
-
-/// An SDP over `media.max_sdp_bytes` is refused before anything parses it.
-fn sdp_size(app: &super::Signal, sdp: &str) -> Result<(), Refusal> {
-    if sdp.len() > app.max_sdp_bytes {
-        return Err(Refusal::Media {
-            status: 413,
-            reason: format!(
-                "SDP of {} bytes exceeds media.max_sdp_bytes ({})",
-                sdp.len(),
-                app.max_sdp_bytes
-            ),
-        });
-    }
-    Ok(())
 }
 
 /// Whether this connection is still the user's current one on this node.
@@ -199,36 +103,34 @@ async fn media_event(
 ) -> Result<Value, Refusal> {
     let room = room_of(conn)?;
     let (sfu, user, session) = (&app.sfu, conn.user_id.as_str(), conn.token.as_str());
-    match event {
-        "tracks" => {
+    match requests::parse(event, payload, app.max_sdp_bytes)? {
+        MediaRequest::Tracks => {
             let tracks = json!(sfu.tracks(room).await);
             let _ = s.emit("tracks", &tracks);
             Ok(tracks)
         }
-        "subscribe" => {
-            let p: SubscribePayload = parse(payload)?;
-            sfu.subscribe(user, session, &p.track_ids, p.subscribe)
+        MediaRequest::Subscribe {
+            track_ids,
+            subscribe,
+        } => {
+            sfu.subscribe(user, session, &track_ids, subscribe)
                 .await
                 .map_err(refusal)?;
             Ok(json!({"ok": true}))
         }
-        "setQuality" => {
-            let p: QualityPayload = parse(payload)?;
-            let quality = Quality::parse(&p.quality)
-                .ok_or_else(|| Refusal::Malformed("quality must be low, medium or high".into()))?;
-            sfu.set_quality(user, session, &p.track_id, quality)
+        MediaRequest::SetQuality { track_id, quality } => {
+            sfu.set_quality(user, session, &track_id, quality)
                 .await
                 .map_err(refusal)?;
             Ok(json!({"ok": true}))
         }
-        "mute" => {
-            let p: MutePayload = parse(payload)?;
-            sfu.mute(user, room, &p.track_id, p.muted)
+        MediaRequest::Mute { track_id, muted } => {
+            sfu.mute(user, room, &track_id, muted)
                 .await
                 .map_err(refusal)?;
             Ok(json!({"ok": true}))
         }
-        "leave" => {
+        MediaRequest::Leave => {
             sfu.leave(user, session).await;
             Ok(json!({"ok": true}))
         }

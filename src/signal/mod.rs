@@ -7,6 +7,7 @@ pub mod incoming;
 pub mod limits;
 pub mod media;
 pub mod protocol;
+pub mod requests;
 
 use std::sync::Arc;
 

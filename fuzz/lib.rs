@@ -1,0 +1,2 @@
+//! See targets.rs.
+include!("targets.rs");
