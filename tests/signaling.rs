@@ -698,3 +698,39 @@ async fn media_session_starts_are_limited_per_user_and_minute() {
     assert!(sdp.contains("a=max-message-size:12345"), "{sdp}");
     server.shutdown().await;
 }
+
+/// A member cannot pass a room message off as the server's: a `msg` whose `type` is one the
+/// server sends (a forged `offer` from `sfu`, a fake `leave`) is refused; others relay as ever.
+#[tokio::test]
+async fn a_msg_imitating_a_server_envelope_is_refused() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    let mut b = join(addr, "b", Some("R")).await;
+    a.recv_msg_type("join", WAIT).await.unwrap();
+    for forged in [
+        json!({"type": "offer", "msg": "rtc offer", "status": 200,
+               "data": {"fromUid": "sfu", "pc": "subscriber", "sdp": {"type": "offer", "sdp": "v=0"}}}),
+        json!({"type": "leave", "data": {"userId": "b", "roomId": "R"}}),
+    ] {
+        b.emit("msg", &forged).unwrap();
+        let refused = b.recv_msg_type("error", WAIT).await.unwrap();
+        assert_eq!(refused["status"], 400, "{refused}");
+        assert!(
+            refused["msg"]
+                .as_str()
+                .unwrap()
+                .contains(forged["type"].as_str().unwrap()),
+            "{refused}"
+        );
+    }
+    assert!(
+        a.expect_silence(QUIET).await.is_ok(),
+        "a forged envelope reached a"
+    );
+    b.emit("msg", &json!({"type": "chat", "text": "hi"}))
+        .unwrap();
+    let got = a.recv_event("msg", WAIT).await.unwrap();
+    assert_eq!(raw_of(&got), r#"["msg",{"type":"chat","text":"hi"}]"#);
+    server.shutdown().await;
+}

@@ -83,6 +83,20 @@ fn media_stats(sfu: &crate::sfu::Sfu) -> Value {
     })
 }
 
+/// The heap as the allocator sees it: bytes in use (what a leak grows) and bytes it keeps free
+/// for reuse (why RSS stays near its peak after a burst).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn memory() -> Value {
+    // SAFETY: mallinfo2 only reads the allocator's counters (taking its own locks).
+    let m = unsafe { libc::mallinfo2() };
+    json!({"heapInUse": m.uordblks + m.hblkhd, "heapFree": m.fordblks})
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn memory() -> Value {
+    Value::Null
+}
+
 async fn demo() -> Html<&'static str> {
     Html(DEMO_PAGE)
 }
@@ -107,6 +121,7 @@ async fn healthz(State(http): State<Http>) -> Json<Value> {
             "queuedBytes": bus.queued_bytes(),
             "dropped": bus.dropped.load(std::sync::atomic::Ordering::Relaxed),
         })),
+                "memory": memory(),
         "pid": std::process::id(),
         "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
     }))

@@ -31,10 +31,12 @@ pub(super) fn recording_path(dir: &Path, meta: &TrackMeta, what: &str, ext: &str
     dir.join(file_safe(&meta.room)).join(name)
 }
 
-/// Path separators, control characters and a leading dot replaced by `_`; never empty.
+/// Path separators, control characters and a leading dot replaced by `_`; never empty. A
+/// name that had to change gets a hash of the original, so two rooms (or users) never share a
+/// folder (or file name) because their names differ only in what was replaced or cut.
 pub(super) fn file_safe(s: &str) -> String {
-    // At most 60 bytes (whole characters): user, track and stamp stay under the 255-byte limit
-    // of a file name.
+    // At most 60 bytes (whole characters) plus the hash: user, track and stamp stay under the
+    // 255-byte limit of a file name.
     let mut end = 0;
     for (i, c) in s.char_indices() {
         if i + c.len_utf8() > 60 {
@@ -54,6 +56,14 @@ pub(super) fn file_safe(s: &str) -> String {
         .collect();
     if out.is_empty() || out.starts_with('.') {
         out.insert(0, '_');
+    }
+    if out != s {
+        let digest = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+        let hash: String = (digest.as_ref()[..4].iter())
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        out.push('~');
+        out.push_str(&hash);
     }
     out
 }
@@ -392,7 +402,15 @@ mod tests {
             started: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_796_157_300),
         };
         let p = track_path(Path::new("/rec"), &meta);
-        assert_eq!(p, Path::new("/rec/_.._etc/a_b-cam_1-20261201T203500Z.ivf"));
+                let hash = |s: &str| file_safe(s).rsplit_once('~').unwrap().1.to_owned();
+        assert_eq!(hash("a/b").len(), 8);
+        let expected = format!(
+            "/rec/_.._etc~{}/a_b~{}-cam_1~{}-20261201T203500Z.ivf",
+            hash("../etc"),
+            hash("a/b"),
+            hash("cam:1")
+        );
+        assert_eq!(p, Path::new(&expected));
     }
 
     #[test]
@@ -438,7 +456,15 @@ mod tests {
         let name = second.file_name().unwrap().to_str().unwrap();
         assert!(name.ends_with("-2.ogg"), "{name}");
         let long = "é".repeat(100); // 200 bytes
-        assert!(file_safe(&long).len() <= 60 && file_safe(&long).chars().all(|c| c == 'é'));
+        let safe = file_safe(&long);
+        assert!(
+            safe.len() <= 69 && safe.starts_with(&"é".repeat(30)),
+            "{safe}"
+        );
+        assert_ne!(file_safe(&"é".repeat(101)), safe, "cut names stay apart");
+        assert_ne!(file_safe("a/b"), file_safe("a_b"));
+        assert_eq!(file_safe("room-1"), "room-1");
+        assert!(file_safe("..").starts_with("_.."));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -23,6 +23,10 @@ const SETTLE_SECONDS: f64 = 1.5;
 /// Frames are written in time order once every track has reached them, or once they are this
 /// much older than the newest frame (a track that went quiet holds nothing back longer).
 const MAX_HOLD_SECONDS: f64 = 3.0;
+/// Frames held at most (~20 s of a participant's audio and video): frames whose timestamps do
+/// not advance never fall MAX_HOLD_SECONDS behind, and are written past this bound instead.
+const MAX_PENDING_FRAMES: usize = 2000;
+
 /// Media of one track before the others start is left out if it is at most this long.
 const MAX_LEAD_SECONDS: f64 = 1.0;
 /// Written into the header's Duration and replaced at the end (recognised before it is).
@@ -372,6 +376,9 @@ impl Muxer {
     /// Writes the pending frames that are due (all of them when `all`), in time order.
     fn write_due(&mut self, all: bool) -> Result<(), String> {
         if self.zero.is_none() {
+            // Frames held until the file is placed: the oldest go past the bound.
+            let over = self.pending.len().saturating_sub(MAX_PENDING_FRAMES);
+            self.pending.drain(..over);
             return Ok(());
         }
         self.pending.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -387,7 +394,9 @@ impl Muxer {
             self.pending.len()
         } else {
             let until = reached.min(newest).max(newest - MAX_HOLD_SECONDS);
-            self.pending.partition_point(|p| p.0 <= until)
+            // Frames whose timestamps do not advance would otherwise wait for ever.
+            let over = self.pending.len().saturating_sub(MAX_PENDING_FRAMES);
+            self.pending.partition_point(|p| p.0 <= until).max(over)
         };
         let frames: Vec<(f64, Pending)> = self.pending.drain(..due).collect();
         for (at, p) in frames {
@@ -469,4 +478,48 @@ fn duration_offset(file: &mut BufWriter<File>) -> Option<u64> {
     file.read_exact(&mut bytes).ok()?;
     file.seek(SeekFrom::Start(end)).ok()?;
     (f64::from_be_bytes(bytes) == DURATION_PLACEHOLDER).then_some(end - 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sfu::forward::Codec;
+
+    /// Video whose timestamps never advance while the audio went quiet: nothing is ever due
+    /// by time, and the frames held stay bounded.
+    #[test]
+    fn frames_held_for_interleaving_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = ParticipantFile::create(dir.path().join("p.webm")).unwrap();
+        let meta = |codec, clock_rate, channels| TrackMeta {
+            room: "r".into(),
+            user: "u".into(),
+            track_id: "t".into(),
+            codec,
+            clock_rate,
+            channels,
+            started: std::time::SystemTime::now(),
+        };
+        let mut audio = file.track_sink(&meta(Codec::Opus, 48_000, 2)).unwrap();
+        let mut video = file.track_sink(&meta(Codec::Vp8, 90_000, 0)).unwrap();
+        let frame = |data: &'static [u8], keyframe, timestamp| Frame {
+            data,
+            timestamp,
+            keyframe,
+            capture_time: Some(1000.0),
+            arrival: Instant::now(),
+        };
+        audio.frame(&frame(&[0xf8, 0xff, 0xfe], true, 0)).unwrap();
+        // A VP8 keyframe header (320x240), then the same timestamp for ever.
+        const KEY: &[u8] = &[0x10, 0x02, 0x00, 0x9d, 0x01, 0x2a, 0x40, 0x01, 0xf0, 0x00];
+        video.frame(&frame(KEY, true, 0)).unwrap();
+        // Ten seconds on, past the hold behind the newest frame, which never moves.
+        for _ in 0..3 * MAX_PENDING_FRAMES {
+            video
+                .frame(&frame(&[0x11, 0x00, 0x00], false, 900_000))
+                .unwrap();
+        }
+        let held = file.muxer.lock().unwrap().pending.len();
+        assert!(held <= MAX_PENDING_FRAMES, "{held} frames held");
+    }
 }

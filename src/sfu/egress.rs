@@ -261,7 +261,9 @@ impl Egress {
             let report = SenderReport {
                 ssrc: down.ssrc,
                 ntp_time: ntp,
-                rtp_time: ts.wrapping_add((elapsed * down.clock_rate as u64 / 1_000_000) as u32),
+                // u128: a clock rate from the client's SDP times hours of silence fits.
+                rtp_time: ts
+                    .wrapping_add((elapsed as u128 * down.clock_rate as u128 / 1_000_000) as u32),
                 packet_count: down.packets,
                 octet_count: down.octets,
                 ..Default::default()

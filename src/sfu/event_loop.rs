@@ -318,21 +318,23 @@ impl EventLoop {
                 }
             }
             self.send(now);
+            // Handed over batch by batch: a flood for another loop's connection never piles up
+            // here (the other loop's queue is bounded and drops past it).
+            for (target, datagrams) in handover.iter_mut().enumerate() {
+                let n = datagrams.len() as u64;
+                if n == 0 {
+                    continue;
+                }
+                let stats = &self.shared.stats;
+                if self.peers[target].hand_over(std::mem::take(datagrams)) {
+                    stats.handed_over.fetch_add(n, Ordering::Relaxed);
+                } else {
+                    stats.handover_dropped.fetch_add(n, Ordering::Relaxed);
+                }
+            }
             // A short batch emptied the queue; anything arriving later wakes the poll again.
             if n < self.recv.capacity() {
                 break;
-            }
-        }
-        for (target, datagrams) in handover.into_iter().enumerate() {
-            let n = datagrams.len() as u64;
-            if n == 0 {
-                continue;
-            }
-            let stats = &self.shared.stats;
-            if self.peers[target].hand_over(datagrams) {
-                stats.handed_over.fetch_add(n, Ordering::Relaxed);
-            } else {
-                stats.handover_dropped.fetch_add(n, Ordering::Relaxed);
             }
         }
     }

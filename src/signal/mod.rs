@@ -116,9 +116,14 @@ async fn on_msg(
     if !conn.ready().await {
         return;
     }
-    let result = accept(&app, &conn, incoming).and_then(|payload| match &conn.room_id {
-        Some(room) => Ok((room, payload)),
-        None => Err(Refusal::NoRoom),
+    let result = accept(&app, &conn, incoming).and_then(|payload| {
+        if let Some(kind) = protocol::imitated_type(&payload) {
+            return Err(Refusal::Imitation { kind: kind.into() });
+        }
+        match &conn.room_id {
+            Some(room) => Ok((room, payload)),
+            None => Err(Refusal::NoRoom),
+        }
     });
     match result {
         Ok((room, payload)) => {

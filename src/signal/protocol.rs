@@ -119,6 +119,9 @@ pub enum Refusal {
     TooLarge { size: usize, limit: usize },
     #[error("unknown event")]
     UnknownEvent,
+    /// A room `msg` that looks like one of the server's own envelopes.
+    #[error("a msg may not look like the server's own {kind:?} envelope")]
+    Imitation { kind: String },
     /// Over the socket's event budget; `abusive`: the socket is disconnected.
     #[error("rate limited")]
     RateLimited { abusive: bool },
@@ -130,7 +133,7 @@ pub enum Refusal {
 impl Refusal {
     pub fn status(&self) -> u16 {
         match self {
-            Refusal::Malformed(_) | Refusal::UnknownEvent => 400,
+            Refusal::Malformed(_) | Refusal::UnknownEvent | Refusal::Imitation { .. } => 400,
             Refusal::NotYourRoom { .. } | Refusal::NoRoom | Refusal::OutsideYourRoom { .. } => 403,
             Refusal::Offline { .. } => 404,
             Refusal::TooLarge { .. } => 413,
@@ -163,6 +166,31 @@ impl Refusal {
             data: serde_json::Value::Object(data),
         }
     }
+}
+
+/// The `type`s of the envelopes the server sends as `msg`: a member's room message may not
+/// carry one, or it could pass itself off as the server (a forged `offer` from `sfu`, say).
+pub const SERVER_TYPES: [&str; 14] = [
+    "join",
+    "leave",
+    "call",
+    "offer",
+    "answer",
+    "candidate",
+    "error",
+    "replaced",
+    "trackPublished",
+    "trackUnpublished",
+    "trackMuted",
+    "mediaEnded",
+    "recordingStarted",
+    "recordingStopped",
+];
+
+/// The server envelope type a payload imitates, if it does.
+pub fn imitated_type(payload: &Value) -> Option<&str> {
+    let kind = map_get(payload, "type")?.as_str()?;
+    SERVER_TYPES.contains(&kind).then_some(kind)
 }
 
 /// Longest userId or roomId, in bytes of UTF-8.

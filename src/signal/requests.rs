@@ -8,6 +8,9 @@ use super::protocol::Refusal;
 use crate::sfu::api::{IceCandidate, PcKind};
 use crate::sfu::forward::Quality;
 
+/// Track ids one `subscribe` may name (each is looked up in the room on the media loop).
+pub const MAX_TRACK_IDS: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum MediaRequest {
     /// Enter SFU mode.
@@ -124,6 +127,11 @@ pub fn parse(
         "tracks" => MediaRequest::Tracks,
         "subscribe" => {
             let p: SubscribePayload = from(payload)?;
+            if p.track_ids.len() > MAX_TRACK_IDS {
+                return Err(Refusal::Malformed(format!(
+                    "at most {MAX_TRACK_IDS} trackIds at once"
+                )));
+            }
             MediaRequest::Subscribe {
                 track_ids: p.track_ids,
                 subscribe: p.subscribe,

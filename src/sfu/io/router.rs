@@ -24,10 +24,39 @@ pub struct ConnRef {
     pub id: u64,
 }
 
+/// Addresses one connection may be reached from: a client has a few (a path change, a second
+/// interface); one cycling through source ports must not grow the table.
+pub const MAX_ADDRESSES_PER_CONN: usize = 16;
+
 #[derive(Default)]
 struct Table {
     by_ufrag: HashMap<String, ConnRef>,
     by_addr: HashMap<SocketAddr, ConnRef>,
+    /// Addresses in `by_addr` per connection id.
+    addresses: HashMap<u64, usize>,
+}
+
+impl Table {
+    /// Routes `addr` to `conn` from now on (taking it from another connection unless
+    /// `displace` is false); `false` if it is not routed to `conn`.
+    fn remember(&mut self, addr: SocketAddr, conn: ConnRef, displace: bool) -> bool {
+        match self.by_addr.get(&addr) {
+            Some(c) if *c == conn => return true,
+            Some(_) if !displace => return false,
+            _ => {}
+        }
+        let count = self.addresses.entry(conn.id).or_default();
+        if *count >= MAX_ADDRESSES_PER_CONN {
+            return false;
+        }
+        *count += 1;
+        if let Some(old) = self.by_addr.insert(addr, conn)
+            && let Some(n) = self.addresses.get_mut(&old.id)
+        {
+            *n = n.saturating_sub(1);
+        }
+        true
+    }
 }
 
 /// The node-wide routing table (shared by the loops; touched on first contact and teardown).
@@ -50,6 +79,7 @@ impl Router {
     pub fn unregister(&self, ufrag: &str, conn: ConnRef) -> Vec<SocketAddr> {
         let mut table = self.table();
         table.by_ufrag.remove(ufrag);
+        table.addresses.remove(&conn.id);
         let mut gone = Vec::new();
         table.by_addr.retain(|addr, c| {
             let keep = *c != conn;
@@ -91,9 +121,15 @@ impl Routes {
         if let Some(ufrag) = stun::local_ufrag(datagram) {
             let mut table = self.router.table();
             let conn = *table.by_ufrag.get(std::str::from_utf8(ufrag).ok()?)?;
-            table.by_addr.insert(from, conn);
-            drop(table);
-            self.cache.insert(from, conn);
+            // Past its address budget, the request still reaches its connection (ICE answers
+            // it), but the address is not remembered.
+            if table.remember(from, conn, true) {
+                drop(table);
+                self.cache.insert(from, conn);
+            } else {
+                drop(table);
+                self.cache.remove(&from);
+            }
             return Some(conn);
         }
         if let Some(conn) = self.cache.get(&from) {
@@ -110,8 +146,12 @@ impl Routes {
         if self.cache.contains_key(&to) {
             return;
         }
-        let holder = *self.router.table().by_addr.entry(to).or_insert(conn);
-        self.cache.insert(to, holder);
+        let mut table = self.router.table();
+        table.remember(to, conn, false);
+        if let Some(holder) = table.by_addr.get(&to).copied() {
+            drop(table);
+            self.cache.insert(to, holder);
+        }
     }
 
     /// Drops cached routes (of a connection closed here or on another loop).
@@ -234,5 +274,36 @@ mod tests {
         );
         assert_eq!(routes.route(addr, &[0x80, 96]), Some(mallory));
         assert_eq!(routes.route(addr, &binding_request("gone:z")), None);
+    }
+
+    #[test]
+    fn a_connection_is_routed_from_a_bounded_number_of_addresses() {
+        let router = Router::default();
+        let mut routes = Routes::new(0, router.clone());
+        let conn = ConnRef {
+            loop_index: 0,
+            key: 1,
+            id: 1,
+        };
+        router.register("u", conn);
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        for port in 0..100 {
+            // Every request reaches its connection...
+            assert_eq!(
+                routes.route(addr(port), &binding_request("u:z")),
+                Some(conn)
+            );
+        }
+        // ...but only the first addresses are remembered for media.
+        let media = [0x80, 96];
+        assert_eq!(routes.route(addr(0), &media), Some(conn));
+        assert_eq!(
+            routes.route(addr(MAX_ADDRESSES_PER_CONN as u16 - 1), &media),
+            Some(conn)
+        );
+        assert_eq!(routes.route(addr(99), &media), None);
+        assert_eq!(router.table().by_addr.len(), MAX_ADDRESSES_PER_CONN);
+        assert_eq!(router.unregister("u", conn).len(), MAX_ADDRESSES_PER_CONN);
+        assert!(router.table().addresses.is_empty());
     }
 }

@@ -415,7 +415,10 @@ impl MediaState {
     /// the server knows the browser's credentials are dropped).
     fn send_candidates(&mut self, key: ConnKey) {
         let candidate = self.settings.candidate();
-        let conn = &mut self.conns[key];
+        // The connection may have closed while its description was applied.
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         if conn.candidates_sent {
             return;
         }

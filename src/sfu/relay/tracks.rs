@@ -541,8 +541,9 @@ impl MediaState {
             for ext in &rtp.header_extensions {
                 if let Some((_, publisher_id)) =
                     track.ext_ids.iter().find(|(uri, _)| *uri == ext.uri)
+                    && let Ok(id) = u8::try_from(ext.id)
                 {
-                    ext_map.insert(*publisher_id, ext.id as u8);
+                    ext_map.insert(*publisher_id, id);
                 }
             }
             if payload_type.is_none() {
