@@ -93,26 +93,25 @@ fn same_room(payload: &Value, i: usize) -> bool {
         .is_some_and(|n| n % ROOMS == i % ROOMS)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_churning_clients_leave_no_trace() {
-    let server = Process::spawn(&["--media-loops", "1"], &[("RUST_LOG", "warn")]);
-    let (addr, pid) = (server.addr, server.child.id());
-    // The media room.
-    let alice = TestPeer::join(addr, "alice", "media", 1, true).await;
-    let bob = TestPeer::join(addr, "bob", "media", 2, false).await;
-    let flowing = eventually(Duration::from_secs(20), || {
-        bob.tracks_from("alice").len() == 2
-    })
-    .await;
-    assert!(flowing, "{}", bob.summary());
-    // The calm room: a round trip every 200 ms.
-    let mut calm = join(addr, "calm", Some("calm")).await;
-    let heap = async || healthz(addr).await["memory"]["heapInUse"].as_u64().unwrap();
-    let (start_rss, start_heap) = (rss_kib(pid), heap().await);
-    let start_tasks = healthz(addr).await["tasks"].as_u64().unwrap();
+/// What a phase measured.
+#[derive(Default)]
+struct Phase {
+    round_trips: Vec<Duration>,
+    peak_rss_kib: u64,
+    media_stalls: u64,
+}
 
-    let tally = Arc::new(Tally::default());
-    let end = Instant::now() + SOAK;
+/// `CLIENTS` churning for `length` while the calm room probes its round trip every 200 ms and
+/// the media room is watched; returns once every client is gone and the server has settled.
+async fn soak_phase(
+    server: &Process,
+    bob: &TestPeer,
+    calm: &mut Client,
+    length: Duration,
+    tally: &Arc<Tally>,
+) -> Phase {
+    let (addr, pid) = (server.addr, server.child.id());
+    let end = Instant::now() + length;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| tokio::spawn(churn(i, addr, end, tally.clone())))
         .collect();
@@ -122,7 +121,7 @@ async fn a_thousand_churning_clients_leave_no_trace() {
             .map(|t| t.packets)
             .sum::<u64>()
     };
-    let (mut round_trips, mut peak_rss, mut media_stalls) = (Vec::new(), start_rss, 0);
+    let mut phase = Phase::default();
     let mut last_packets = packets();
     let mut probe = 0u64;
     while Instant::now() < end {
@@ -142,11 +141,11 @@ async fn a_thousand_churning_clients_leave_no_trace() {
                 break;
             }
         }
-        round_trips.push(sent.elapsed());
-        peak_rss = peak_rss.max(rss_kib(pid));
-        if probe % 10 == 0 {
+        phase.round_trips.push(sent.elapsed());
+        phase.peak_rss_kib = phase.peak_rss_kib.max(rss_kib(pid));
+        if probe.is_multiple_of(10) {
             let now = packets();
-            media_stalls += u64::from(now <= last_packets);
+            phase.media_stalls += u64::from(now <= last_packets);
             last_packets = now;
         }
     }
@@ -154,56 +153,93 @@ async fn a_thousand_churning_clients_leave_no_trace() {
         c.await.unwrap();
     }
     // Every client gone: back to the media room and the calm room.
-    let settled = {
-        let mut settled = false;
-        for _ in 0..100 {
-            let h = healthz(addr).await;
-            if h["connections"] == 3 && h["mediaSessions"] == 2 {
-                settled = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut settled = false;
+    for _ in 0..100 {
+        let h = healthz(addr).await;
+        if h["connections"] == 3 && h["mediaSessions"] == 2 {
+            settled = true;
+            break;
         }
-        settled
-    };
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (end_rss, end_heap) = (rss_kib(pid), heap().await);
-    let end_tasks = healthz(addr).await["tasks"].as_u64().unwrap();
-    round_trips.sort();
-    let pct = |p: usize| round_trips[(round_trips.len() - 1) * p / 100];
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "{}", healthz(addr).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    phase.round_trips.sort();
+    phase
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_churning_clients_leave_no_trace() {
+    let server = Process::spawn(&["--media-loops", "1"], &[("RUST_LOG", "warn")]);
+    let (addr, pid) = (server.addr, server.child.id());
+    // The media room.
+    let alice = TestPeer::join(addr, "alice", "media", 1, true).await;
+    let bob = TestPeer::join(addr, "bob", "media", 2, false).await;
+    let flowing = eventually(Duration::from_secs(20), || {
+        bob.tracks_from("alice").len() == 2
+    })
+    .await;
+    assert!(flowing, "{}", bob.summary());
+    // The calm room: a round trip every 200 ms.
+    let mut calm = join(addr, "calm", Some("calm")).await;
+    let heap = async || healthz(addr).await["memory"]["heapInUse"].as_u64().unwrap();
+    let tasks = async || healthz(addr).await["tasks"].as_u64().unwrap();
+    let (rss0, heap0, tasks0) = (rss_kib(pid), heap().await, tasks().await);
+
+    // Two halves: the first grows what is sized by the peak (maps keep their capacity, the
+    // allocator its arenas); the second must then leave the heap where the first left it.
+    let tally = Arc::new(Tally::default());
+    let first = soak_phase(&server, &bob, &mut calm, SOAK / 2, &tally).await;
+    let (rss1, heap1) = (rss_kib(pid), heap().await);
+    let second = soak_phase(&server, &bob, &mut calm, SOAK / 2, &tally).await;
+    let (rss2, heap2, tasks2) = (rss_kib(pid), heap().await, tasks().await);
+
+    let sessions = tally.sessions.load(Ordering::Relaxed);
+    let pct = |p: &Phase, q: usize| p.round_trips[(p.round_trips.len() - 1) * q / 100];
     println!(
-        "soak: {} sessions of {CLIENTS} clients in {}s, {} messages received; calm room round trip p50 {:?} p99 {:?} max {:?}; \
-         server heap in use {} KiB at start, {} KiB after; RSS {} MiB at start, {} MiB at peak, {} MiB after; \
-         tasks {start_tasks} -> {end_tasks}",
-        tally.sessions.load(Ordering::Relaxed),
+        "soak: {sessions} sessions of {CLIENTS} clients in {}s, {} messages received; calm room \
+         round trip p50/p99/max {:?}/{:?}/{:?} then {:?}/{:?}/{:?}; server heap in use {} KiB at \
+         start, {} KiB after the first half, {} KiB after the second; RSS {} MiB, peak {} MiB, \
+         {} MiB, peak {} MiB, {} MiB; tasks {tasks0} -> {tasks2}",
         SOAK.as_secs(),
         tally.messages_in.load(Ordering::Relaxed),
-        pct(50),
-        pct(99),
-        round_trips.last().unwrap(),
-        start_heap / 1024,
-        end_heap / 1024,
-        start_rss / 1024,
-        peak_rss / 1024,
-        end_rss / 1024,
+        pct(&first, 50),
+        pct(&first, 99),
+        first.round_trips.last().unwrap(),
+        pct(&second, 50),
+        pct(&second, 99),
+        second.round_trips.last().unwrap(),
+        heap0 / 1024,
+        heap1 / 1024,
+        heap2 / 1024,
+        rss0 / 1024,
+        first.peak_rss_kib / 1024,
+        rss1 / 1024,
+        second.peak_rss_kib / 1024,
+        rss2 / 1024,
     );
-    assert!(settled, "{}", healthz(addr).await);
     assert_eq!(
         tally.problems.load(Ordering::Relaxed),
         0,
         "see the lines above"
     );
-    assert_eq!(media_stalls, 0, "the media room stalled: {}", bob.summary());
-    assert!(tally.sessions.load(Ordering::Relaxed) >= CLIENTS as u64 * 10);
-    assert!(
-        end_tasks <= start_tasks + 5,
-        "tasks {start_tasks} -> {end_tasks}"
+    assert_eq!(
+        first.media_stalls + second.media_stalls,
+        0,
+        "the media room stalled: {}",
+        bob.summary()
     );
-    // The heap in use is back at its start (a leak of even 100 bytes a session would add
-    // 2 MB); RSS is not, as glibc keeps freed memory in its arenas for reuse.
+    assert!(sessions >= CLIENTS as u64 * 10, "{sessions} sessions");
+    assert!(tasks2 <= tasks0 + 5, "tasks {tasks0} -> {tasks2}");
+    // A leak of even 20 bytes a session (some 12 000 in the second half) would show.
     assert!(
-        end_heap <= start_heap + 1024 * 1024,
-        "heap in use {start_heap} -> {end_heap} bytes"
+        heap2 <= heap1 + 256 * 1024,
+        "heap in use {heap0} -> {heap1} -> {heap2} bytes"
+    );
+    // What the first half grew is bounded by the peak, not by the sessions.
+    assert!(
+        heap1 <= heap0 + 4 * 1024 * 1024,
+        "heap in use {heap0} -> {heap1} bytes"
     );
     alice.close().await;
     bob.close().await;
