@@ -76,6 +76,8 @@ pub struct SignalConfig {
     pub events_per_second: f64,
     pub event_burst: u32,
     pub disconnect_after_refused: u32,
+    pub bytes_per_second: usize,
+    pub bytes_burst: usize,
     pub max_transport_bytes: u64,
     pub max_buffer_packets: usize,
 }

@@ -96,7 +96,8 @@ impl Server {
             );
         }
         let stop = CancellationToken::new();
-        let (bus_tx, bus_rx) = mpsc::unbounded_channel();
+                // Events from other nodes waiting for this one: bounded, the bus waits past it.
+        let (bus_tx, bus_rx) = mpsc::channel(4096);
         let (reaped_tx, reaped_rx) = mpsc::unbounded_channel();
         let (registry, bus): (Arc<dyn RoomRegistry>, _) = match config.redis.url() {
             None => (Arc::new(MemoryRegistry::new()), None),
@@ -135,6 +136,7 @@ impl Server {
             max_sdp_bytes: config.media.max_sdp_bytes,
             max_rooms_per_node: config.signal.max_rooms_per_node,
             budget: signal::limits::EventBudget::from_config(&config.signal),
+            byte_budget: signal::limits::EventBudget::bytes_from_config(&config.signal),
             auth,
             webhooks,
         });

@@ -734,3 +734,37 @@ async fn a_msg_imitating_a_server_envelope_is_refused() {
     assert_eq!(raw_of(&got), r#"["msg",{"type":"chat","text":"hi"}]"#);
     server.shutdown().await;
 }
+
+/// Bytes are budgeted per socket too: a burst of large messages past `signal.bytes_burst` gets
+/// 429s, while a client in another room goes on as usual.
+#[tokio::test]
+async fn large_messages_past_the_byte_budget_are_rate_limited() {
+    let server = start().await;
+    let addr = server.local_addr();
+    let mut a = join(addr, "a", Some("R")).await;
+    let mut calm = join(addr, "calm", Some("S")).await;
+    let big = "x".repeat(600_000);
+    for n in 0..10 {
+        a.emit("msg", &json!({"n": n, "big": big})).unwrap();
+    }
+    let (mut delivered, mut limited) = (0, 0);
+    while delivered + limited < 10 {
+        let Packet::Event { args, .. } = a.recv_event("msg", WAIT).await.unwrap() else {
+            unreachable!()
+        };
+        match args[0].get("type").and_then(Value::as_str) {
+            Some("error") => {
+                assert_eq!(args[0]["status"], 429, "{}", args[0]);
+                limited += 1;
+            }
+            _ => delivered += 1,
+        }
+    }
+    // 4 MiB of burst: six of the 600 kB messages, then refusals (a little refills meanwhile).
+    assert!((6..=8).contains(&delivered), "{delivered} delivered");
+    assert!(limited >= 2, "{limited} limited");
+    calm.emit("msg", &json!({"still": "fine"})).unwrap();
+    let got = calm.recv_event("msg", WAIT).await.unwrap();
+    assert_eq!(raw_of(&got), r#"["msg",{"still":"fine"}]"#);
+    server.shutdown().await;
+}

@@ -402,7 +402,7 @@ mod tests {
             started: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_796_157_300),
         };
         let p = track_path(Path::new("/rec"), &meta);
-                let hash = |s: &str| file_safe(s).rsplit_once('~').unwrap().1.to_owned();
+        let hash = |s: &str| file_safe(s).rsplit_once('~').unwrap().1.to_owned();
         assert_eq!(hash("a/b").len(), 8);
         let expected = format!(
             "/rec/_.._etc~{}/a_b~{}-cam_1~{}-20261201T203500Z.ivf",

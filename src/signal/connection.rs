@@ -29,8 +29,9 @@ pub struct Conn {
     /// Set when the set-up is over: `true` once the connection is recorded and announced,
     /// `false` if it closed first.
     settled: tokio::sync::SetOnce<bool>,
-    /// The socket's event budget spent so far.
+    /// The socket's event and byte budgets spent so far.
     bucket: Mutex<super::limits::Bucket>,
+    bytes: Mutex<super::limits::Bucket>,
     /// What its token allows (everything with auth off).
     pub grants: Grants,
 }
@@ -52,7 +53,17 @@ impl Conn {
     /// Spends one event of the socket's budget.
     pub fn spend(&self, budget: &super::limits::EventBudget) -> super::limits::Verdict {
         let mut bucket = self.bucket.lock().unwrap_or_else(PoisonError::into_inner);
-        bucket.take(budget, std::time::Instant::now())
+        bucket.take(budget, 1.0, std::time::Instant::now())
+    }
+
+    /// Spends `size` bytes of the socket's byte budget.
+    pub fn spend_bytes(
+        &self,
+        budget: &super::limits::EventBudget,
+        size: usize,
+    ) -> super::limits::Verdict {
+        let mut bucket = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+        bucket.take(budget, size as f64, std::time::Instant::now())
     }
 }
 
@@ -119,6 +130,7 @@ pub async fn authenticate(
         phase: Mutex::new(Phase::SettingUp),
         settled: tokio::sync::SetOnce::new(),
         bucket: Default::default(),
+        bytes: Default::default(),
         grants,
     }));
     register_handlers(&s);

@@ -1,5 +1,6 @@
-//! The signaling event budget of one socket: a token bucket. An event over the budget is
-//! refused with a 429 envelope; a client that keeps sending refused events is disconnected.
+//! The signaling budgets of one socket, token buckets: events, and bytes of the messages it
+//! sends. An event over either is refused with a 429 envelope; a client that keeps sending
+//! refused events is disconnected.
 
 use std::time::Instant;
 
@@ -21,6 +22,16 @@ impl EventBudget {
         EventBudget {
             per_second: c.events_per_second,
             burst: c.event_burst.max(1) as f64,
+            disconnect_after: c.disconnect_after_refused,
+        }
+    }
+
+    /// The bytes budget: `signal.bytes_per_second`, with a burst that holds at least one
+    /// message of the largest size allowed.
+    pub fn bytes_from_config(c: &SignalConfig) -> Self {
+        EventBudget {
+            per_second: c.bytes_per_second as f64,
+            burst: c.bytes_burst.max(c.max_message_bytes) as f64,
             disconnect_after: c.disconnect_after_refused,
         }
     }
@@ -54,8 +65,8 @@ impl Default for Bucket {
 }
 
 impl Bucket {
-    /// Spends one token for an event at `now`.
-    pub fn take(&mut self, budget: &EventBudget, now: Instant) -> Verdict {
+    /// Spends `cost` tokens (one event, or its bytes) at `now`.
+    pub fn take(&mut self, budget: &EventBudget, cost: f64, now: Instant) -> Verdict {
         if budget.per_second <= 0.0 {
             return Verdict::Accepted;
         }
@@ -64,8 +75,8 @@ impl Bucket {
         }) * budget.per_second;
         self.tokens = (self.tokens + refill).min(budget.burst);
         self.last = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= cost {
+            self.tokens -= cost;
             self.refused_in_a_row = 0;
             return Verdict::Accepted;
         }
@@ -93,28 +104,37 @@ mod tests {
         let mut b = Bucket::default();
         let t = Instant::now();
         for _ in 0..5 {
-            assert_eq!(b.take(&budget, t), Verdict::Accepted);
+            assert_eq!(b.take(&budget, 1.0, t), Verdict::Accepted);
         }
-        assert_eq!(b.take(&budget, t), Verdict::Refused { abusive: false });
+        assert_eq!(b.take(&budget, 1.0, t), Verdict::Refused { abusive: false });
         // 100 ms later one more token.
         let later = t + Duration::from_millis(100);
-        assert_eq!(b.take(&budget, later), Verdict::Accepted);
-        assert_eq!(b.take(&budget, later), Verdict::Refused { abusive: false });
-        assert_eq!(b.take(&budget, later), Verdict::Refused { abusive: false });
-        assert_eq!(b.take(&budget, later), Verdict::Refused { abusive: true });
+        assert_eq!(b.take(&budget, 1.0, later), Verdict::Accepted);
+        assert_eq!(
+            b.take(&budget, 1.0, later),
+            Verdict::Refused { abusive: false }
+        );
+        assert_eq!(
+            b.take(&budget, 1.0, later),
+            Verdict::Refused { abusive: false }
+        );
+        assert_eq!(
+            b.take(&budget, 1.0, later),
+            Verdict::Refused { abusive: true }
+        );
         // A pause refills the burst, never more.
         let much_later = later + Duration::from_secs(60);
         for _ in 0..5 {
-            assert_eq!(b.take(&budget, much_later), Verdict::Accepted);
+            assert_eq!(b.take(&budget, 1.0, much_later), Verdict::Accepted);
         }
         assert_eq!(
-            b.take(&budget, much_later),
+            b.take(&budget, 1.0, much_later),
             Verdict::Refused { abusive: false }
         );
         let unlimited = EventBudget {
             per_second: 0.0,
             ..budget
         };
-        assert_eq!(b.take(&unlimited, much_later), Verdict::Accepted);
+        assert_eq!(b.take(&unlimited, 1.0, much_later), Verdict::Accepted);
     }
 }

@@ -36,8 +36,9 @@ pub struct Signal {
     /// `signal.max_room_members` (0: no limit).
     pub max_room_members: usize,
     pub webhooks: crate::webhook::Webhooks,
-    /// Each socket's event budget.
+    /// Each socket's event and byte budgets.
     pub budget: limits::EventBudget,
+    pub byte_budget: limits::EventBudget,
     /// `media.max_sdp_bytes`.
     pub max_sdp_bytes: usize,
     /// `signal.max_rooms_per_node` (0: no limit).
@@ -52,7 +53,7 @@ pub(crate) type App = Arc<Signal>;
 pub fn install(
     io: &SocketIo,
     app: App,
-    from_bus: mpsc::UnboundedReceiver<BusEvent>,
+        from_bus: mpsc::Receiver<BusEvent>,
     reaped: mpsc::UnboundedReceiver<Reaped>,
     from_sfu: mpsc::UnboundedReceiver<SfuEvent>,
 ) {
@@ -102,6 +103,10 @@ fn accept(app: &Signal, conn: &Conn, incoming: Incoming) -> Result<rmpv::Value, 
             size: incoming.size,
             limit: app.max_message_bytes,
         });
+    }
+    if let limits::Verdict::Refused { abusive } = conn.spend_bytes(&app.byte_budget, incoming.size)
+    {
+        return Err(Refusal::RateLimited { abusive });
     }
     incoming.payload.map_err(Refusal::Malformed)
 }
@@ -244,7 +249,7 @@ fn over_budget(app: &Signal, conn: &Conn) -> Result<(), Refusal> {
 /// Applies what other nodes ask for, and announces members of dead nodes as gone.
 async fn apply_remote(
     app: App,
-    mut from_bus: mpsc::UnboundedReceiver<BusEvent>,
+        mut from_bus: mpsc::Receiver<BusEvent>,
     mut reaped: mpsc::UnboundedReceiver<Reaped>,
     mut from_sfu: mpsc::UnboundedReceiver<SfuEvent>,
 ) {
