@@ -96,7 +96,7 @@ impl Server {
             );
         }
         let stop = CancellationToken::new();
-                // Events from other nodes waiting for this one: bounded, the bus waits past it.
+        // Events from other nodes waiting for this one: bounded, the bus waits past it.
         let (bus_tx, bus_rx) = mpsc::channel(4096);
         let (reaped_tx, reaped_rx) = mpsc::unbounded_channel();
         let (registry, bus): (Arc<dyn RoomRegistry>, _) = match config.redis.url() {
@@ -137,6 +137,7 @@ impl Server {
             max_rooms_per_node: config.signal.max_rooms_per_node,
             budget: signal::limits::EventBudget::from_config(&config.signal),
             byte_budget: signal::limits::EventBudget::bytes_from_config(&config.signal),
+            refused: Default::default(),
             auth,
             webhooks,
         });

@@ -428,7 +428,7 @@ async fn the_bus_queue_is_bounded_in_bytes_while_redis_hangs() {
     let mut config = common::test_config();
     config.redis.url = redis.url();
     config.server.node_id = "n1".into();
-        config.redis.bus_queue_bytes = 4_000_000;
+    config.redis.bus_queue_bytes = 4_000_000;
     config.signal.bytes_per_second = 0; // 10 MB at once: this test is about the bus
     let server = switchboard::Server::start(config).await.expect("starts");
     let addr = server.local_addr();

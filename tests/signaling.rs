@@ -563,7 +563,9 @@ async fn a_full_room_refuses_one_more_member() {
     // b again (a second connection replaces the first): not a new member.
     let _b_again = join(addr, "b", Some("R")).await;
     let _c_elsewhere = join(addr, "c", Some("S")).await;
-    assert_eq!(healthz(addr).await["connections"], 3);
+    let health = healthz(addr).await;
+    assert_eq!(health["connections"], 3);
+    assert_eq!(health["refused"]["handshakes"], 1, "{health}");
     server.shutdown().await;
 }
 
@@ -646,6 +648,7 @@ async fn an_oversized_sdp_is_refused_with_413() {
             .unwrap()
             .starts_with("v=0")
     );
+    assert_eq!(healthz(addr).await["refused"]["tooLarge"], 2);
     server.shutdown().await;
 }
 
@@ -763,6 +766,7 @@ async fn large_messages_past_the_byte_budget_are_rate_limited() {
     // 4 MiB of burst: six of the 600 kB messages, then refusals (a little refills meanwhile).
     assert!((6..=8).contains(&delivered), "{delivered} delivered");
     assert!(limited >= 2, "{limited} limited");
+    assert_eq!(healthz(addr).await["refused"]["rateLimited"], limited);
     calm.emit("msg", &json!({"still": "fine"})).unwrap();
     let got = calm.recv_event("msg", WAIT).await.unwrap();
     assert_eq!(raw_of(&got), r#"["msg",{"still":"fine"}]"#);

@@ -69,7 +69,7 @@ impl Bus {
         origin: &str,
         timeout: Duration,
         max_queued_bytes: usize,
-                incoming: mpsc::Sender<BusEvent>,
+        incoming: mpsc::Sender<BusEvent>,
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<Bus>> {
         let client = redis::Client::open(url)?;
@@ -184,7 +184,7 @@ async fn publish_loop(
 async fn subscribe_loop(
     client: redis::Client,
     origin: String,
-        incoming: mpsc::Sender<BusEvent>,
+    incoming: mpsc::Sender<BusEvent>,
     timeout: Duration,
     stop: CancellationToken,
     subscribed: tokio::sync::oneshot::Sender<()>,
@@ -216,7 +216,7 @@ async fn subscribe_loop(
                         break;
                     };
                     match rmp_serde::from_slice::<Frame>(msg.get_payload_bytes()) {
-                                                // Waits while the node is behind: the subscription then stops reading
+                        // Waits while the node is behind: the subscription then stops reading
                         // and Redis holds (or, past its pub/sub buffer limit, drops) the rest.
                         Ok(frame) if frame.origin != origin => {
                             if incoming.send(frame.event).await.is_err() {

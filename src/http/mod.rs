@@ -83,6 +83,20 @@ fn media_stats(sfu: &crate::sfu::Sfu) -> Value {
     })
 }
 
+/// Refused events (by kind) and handshakes: every limit reached is counted.
+fn refused(r: &crate::signal::limits::Refusals) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    json!({
+        "malformed": r.malformed.load(Relaxed),
+        "forbidden": r.forbidden.load(Relaxed),
+        "notFound": r.not_found.load(Relaxed),
+        "conflict": r.conflict.load(Relaxed),
+        "tooLarge": r.too_large.load(Relaxed),
+        "rateLimited": r.rate_limited.load(Relaxed),
+        "handshakes": r.handshakes.load(Relaxed),
+    })
+}
+
 /// The heap as the allocator sees it: bytes in use (what a leak grows) and bytes it keeps free
 /// for reuse (why RSS stays near its peak after a burst).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -121,7 +135,8 @@ async fn healthz(State(http): State<Http>) -> Json<Value> {
             "queuedBytes": bus.queued_bytes(),
             "dropped": bus.dropped.load(std::sync::atomic::Ordering::Relaxed),
         })),
-                "memory": memory(),
+                        "refused": refused(&signal.refused),
+        "memory": memory(),
         "pid": std::process::id(),
         "tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
     }))

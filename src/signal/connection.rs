@@ -4,6 +4,7 @@
 //! events wait for it, and whichever of set-up and disconnect comes second tears down.
 
 use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use socketioxide::SocketIo;
@@ -75,6 +76,20 @@ pub async fn authenticate(
     State(app): State<App>,
     payload: TryData<serde_json::Value>,
 ) -> Result<(), String> {
+    let refused = admit(&s, &app, payload).await;
+    if refused.is_err() {
+        app.refused.handshakes.fetch_add(1, Ordering::Relaxed);
+    }
+    refused
+}
+
+/// The handshake's checks: identity, token, room and node limits; on success the connection
+/// record and its handlers are in place.
+async fn admit(
+    s: &SocketRef,
+    app: &App,
+    payload: TryData<serde_json::Value>,
+) -> Result<(), String> {
     let query = s.req_parts().uri.query();
     let identity = handshake::identify(query).inspect_err(|e| debug!("handshake refused: {e}"))?;
     let grants = match &app.auth {
@@ -133,7 +148,7 @@ pub async fn authenticate(
         bytes: Default::default(),
         grants,
     }));
-    register_handlers(&s);
+    register_handlers(s);
     Ok(())
 }
 

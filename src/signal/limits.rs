@@ -2,6 +2,7 @@
 //! sends. An event over either is refused with a 429 envelope; a client that keeps sending
 //! refused events is disconnected.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::config::SignalConfig;
@@ -34,6 +35,35 @@ impl EventBudget {
             burst: c.bytes_burst.max(c.max_message_bytes) as f64,
             disconnect_after: c.disconnect_after_refused,
         }
+    }
+}
+
+/// Refusals so far, by kind (`/healthz` `refused`): each limit reached is counted.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// Error envelopes by status: 400 malformed, 403 forbidden, 404 offline, 409 media
+    /// conflicts and per-member limits, 413 too large, 429 over a budget.
+    pub malformed: AtomicU64,
+    pub forbidden: AtomicU64,
+    pub not_found: AtomicU64,
+    pub conflict: AtomicU64,
+    pub too_large: AtomicU64,
+    pub rate_limited: AtomicU64,
+    /// Handshakes refused: a token, a full room, a node at its room limit.
+    pub handshakes: AtomicU64,
+}
+
+impl Refusals {
+    pub fn count(&self, status: u16) {
+        let counter = match status {
+            403 | 401 => &self.forbidden,
+            404 => &self.not_found,
+            409 => &self.conflict,
+            413 => &self.too_large,
+            429 => &self.rate_limited,
+            _ => &self.malformed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 

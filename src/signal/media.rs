@@ -88,7 +88,7 @@ pub async fn on_media_event(
             let _ = ack.send(&reply);
         }
         Err(refusal) => {
-            refuse(&s, &event, &refusal);
+            refuse(&app, &s, &event, &refusal);
             let _ = ack.send(&refusal.envelope(&event));
         }
     }

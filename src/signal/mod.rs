@@ -43,6 +43,8 @@ pub struct Signal {
     pub max_sdp_bytes: usize,
     /// `signal.max_rooms_per_node` (0: no limit).
     pub max_rooms_per_node: usize,
+    /// Refused events and handshakes, for /healthz.
+    pub refused: limits::Refusals,
     /// Checks access tokens; `None`: auth is off, everyone may do everything.
     pub auth: Option<Arc<crate::auth::Verifier>>,
 }
@@ -53,7 +55,7 @@ pub(crate) type App = Arc<Signal>;
 pub fn install(
     io: &SocketIo,
     app: App,
-        from_bus: mpsc::Receiver<BusEvent>,
+    from_bus: mpsc::Receiver<BusEvent>,
     reaped: mpsc::UnboundedReceiver<Reaped>,
     from_sfu: mpsc::UnboundedReceiver<SfuEvent>,
 ) {
@@ -86,8 +88,9 @@ fn register_handlers(s: &SocketRef) {
     s.on_disconnect(connection::on_disconnect);
 }
 
-fn refuse(s: &SocketRef, event: &str, refusal: &Refusal) {
+fn refuse(app: &Signal, s: &SocketRef, event: &str, refusal: &Refusal) {
     debug!(sid = %s.id, event, "refused: {refusal}");
+    app.refused.count(refusal.status());
     let _ = s.emit("msg", &refusal.envelope(event));
     if matches!(refusal, Refusal::RateLimited { abusive: true }) {
         warn!(sid = %s.id, "disconnected: kept sending over its event budget");
@@ -135,7 +138,7 @@ async fn on_msg(
             debug!(user = %conn.user_id, room = %room, "msg");
             app.outbox.to_room(room, &payload).await;
         }
-        Err(refusal) => refuse(&s, "msg", &refusal),
+        Err(refusal) => refuse(&app, &s, "msg", &refusal),
     }
 }
 
@@ -166,7 +169,7 @@ async fn on_room_user_list(
             let _ = ack.send(&listing);
         }
         Err(refusal) => {
-            refuse(&s, "roomUserList", &refusal);
+            refuse(&app, &s, "roomUserList", &refusal);
             let _ = ack.send(&refusal.envelope("roomUserList"));
         }
     }
@@ -196,24 +199,24 @@ async fn relay_directed(
     });
     let (target, mut payload) = match prepared {
         Ok(p) => p,
-        Err(refusal) => return refuse(s, event, &refusal),
+        Err(refusal) => return refuse(app, s, event, &refusal),
     };
     if target == protocol::SFU_USER_ID {
         debug!(user = %conn.user_id, event, "to the sfu");
         if let Err(refusal) = media::to_sfu(kind, app, conn, payload).await {
-            refuse(s, event, &refusal);
+            refuse(app, s, event, &refusal);
         }
         return;
     }
     if app.auth.is_some() && !in_own_room(app, conn, &target).await {
-        return refuse(s, event, &Refusal::OutsideYourRoom { target });
+        return refuse(app, s, event, &Refusal::OutsideYourRoom { target });
     }
     protocol::stamp_sender(&mut payload, &conn.user_id);
     let envelope = protocol::Envelope::ok(event, kind.text(), payload);
     if app.outbox.to_user(&target, &envelope).await {
         debug!(from = %conn.user_id, to = %target, event, "relayed");
     } else {
-        refuse(s, event, &Refusal::Offline { target });
+        refuse(app, s, event, &Refusal::Offline { target });
     }
 }
 
@@ -235,7 +238,7 @@ async fn on_unknown(
     let refusal = over_budget(&app, &conn)
         .err()
         .unwrap_or(Refusal::UnknownEvent);
-    refuse(&s, &event, &refusal);
+    refuse(&app, &s, &event, &refusal);
 }
 
 /// Spends one event of the socket's budget.
@@ -249,7 +252,7 @@ fn over_budget(app: &Signal, conn: &Conn) -> Result<(), Refusal> {
 /// Applies what other nodes ask for, and announces members of dead nodes as gone.
 async fn apply_remote(
     app: App,
-        mut from_bus: mpsc::Receiver<BusEvent>,
+    mut from_bus: mpsc::Receiver<BusEvent>,
     mut reaped: mpsc::UnboundedReceiver<Reaped>,
     mut from_sfu: mpsc::UnboundedReceiver<SfuEvent>,
 ) {
