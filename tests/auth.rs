@@ -145,3 +145,36 @@ async fn grants_decide_who_sends_and_who_receives_media() {
     }
     server.shutdown().await;
 }
+
+/// The binary: without a secret it says once, at start, that anyone can join; `--auth-secret`
+/// turns tokens on (a handshake without one is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_says_when_auth_is_off_and_takes_the_secret_flag() {
+    use switchboard::load::signaling::{Client, ClientError};
+    let open = common::Process::spawn(&[], &[]);
+    let _ = common::join(open.addr, "anyone", Some("r")).await;
+    // (stderr is read by a thread of its own: give it a moment)
+    eventually(Duration::from_secs(2), || {
+        open.log().contains("auth is off")
+    })
+    .await;
+    assert_eq!(
+        open.log().matches("auth is off").count(),
+        1,
+        "{}",
+        open.log()
+    );
+
+    let closed = common::Process::spawn(&["--auth-secret", SECRET], &[]);
+    match Client::connect(closed.addr, &common::query("anyone", Some("r"))).await {
+        Err(ClientError::Refused(msg)) => assert!(msg.contains("token is required"), "{msg}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("joined without a token"),
+    }
+    let token = token("anyone", "r", None);
+    let query = format!("{}&token={token}", common::query("anyone", Some("r")));
+    Client::connect(closed.addr, &query)
+        .await
+        .expect("a token gets in");
+    assert!(!closed.log().contains("auth is off"), "{}", closed.log());
+}
