@@ -464,3 +464,32 @@ async fn the_bus_queue_is_bounded_in_bytes_while_redis_hangs() {
     assert_eq!(queued, 0, "the queue drains once redis is back");
     server.shutdown().await;
 }
+
+/// Where a room's media must reach: the nodes with members in it, from the shared registry.
+#[tokio::test]
+async fn the_registry_names_the_nodes_of_a_room() {
+    use switchboard::room::{Member, RedisRegistry, RoomRegistry};
+    let redis = Redis::start();
+    let config = common::test_config().redis;
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let n1 = RedisRegistry::start(&redis.url(), "n1", &config, tx.clone())
+        .await
+        .unwrap();
+    let n2 = RedisRegistry::start(&redis.url(), "n2", &config, tx)
+        .await
+        .unwrap();
+    let member = |user: &str, room: &str, token: &str| Member {
+        user_id: user.into(),
+        room_id: Some(room.into()),
+        token: token.into(),
+    };
+    n1.join(&member("a", "R", "n1/1")).await;
+    n2.join(&member("b", "R", "n2/1")).await;
+    n2.join(&member("c", "S", "n2/2")).await;
+    assert_eq!(n1.room_nodes("R").await, ["n1", "n2"]);
+    assert_eq!(n1.room_nodes("S").await, ["n2"]);
+    n2.leave(&member("b", "R", "n2/1")).await;
+    assert_eq!(n2.room_nodes("R").await, ["n1"]);
+    n1.shutdown().await;
+    n2.shutdown().await;
+}

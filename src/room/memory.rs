@@ -10,6 +10,16 @@ use indexmap::IndexMap;
 use super::registry::{Member, RoomListing, RoomRegistry};
 use crate::signal::protocol::MemberInfo;
 
+/// The distinct node ids of connection tokens (`<nodeId>/<sid>`), sorted.
+pub fn nodes_of<'a>(tokens: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut nodes: Vec<String> = tokens
+        .filter_map(|t| t.split_once('/').map(|(node, _)| node.to_owned()))
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
+}
+
 #[derive(Default)]
 pub struct MemoryRegistry {
     inner: Mutex<Inner>,
@@ -99,6 +109,17 @@ impl MemoryRegistry {
             .unwrap_or_default()
     }
 
+    pub fn nodes_now(&self, room_id: &str) -> Vec<String> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        nodes_of(
+            inner
+                .rooms
+                .get(room_id)
+                .into_iter()
+                .flat_map(|u| u.values()),
+        )
+    }
+
     pub fn is_online_now(&self, user_id: &str) -> bool {
         self.inner
             .lock()
@@ -115,6 +136,9 @@ impl RoomRegistry for MemoryRegistry {
     }
     async fn leave(&self, member: &Member) {
         self.leave_now(member)
+    }
+    async fn room_nodes(&self, room_id: &str) -> Vec<String> {
+        self.nodes_now(room_id)
     }
     async fn room_members(&self, room_id: &str) -> RoomListing {
         self.members_now(room_id)
@@ -151,6 +175,19 @@ mod tests {
             ]
         );
         assert!(r.members_now("nobody").is_empty());
+    }
+
+    #[test]
+    fn names_the_nodes_of_a_room() {
+        let r = MemoryRegistry::new();
+        r.join_now(&member("b", Some("R"), "n2/1"));
+        r.join_now(&member("a", Some("R"), "n1/2"));
+        r.join_now(&member("c", Some("R"), "n2/3"));
+        r.join_now(&member("d", Some("S"), "n3/4"));
+        assert_eq!(r.nodes_now("R"), ["n1", "n2"]);
+        r.leave_now(&member("a", Some("R"), "n1/2"));
+        assert_eq!(r.nodes_now("R"), ["n2"]);
+        assert!(r.nodes_now("nobody").is_empty());
     }
 
     #[test]

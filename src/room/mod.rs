@@ -160,6 +160,11 @@ impl<H: Clone> Rooms<H> {
         self.registry.room_members(room_id).await
     }
 
+    /// The nodes with members in a room.
+    pub async fn nodes(&self, room_id: &str) -> Vec<String> {
+        self.registry.room_nodes(room_id).await
+    }
+
     pub async fn is_online(&self, user_id: &str) -> bool {
         self.local(user_id).is_some() || self.registry.is_online(user_id).await
     }

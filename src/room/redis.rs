@@ -409,6 +409,21 @@ impl RoomRegistry for RedisRegistry {
         self.local.members_now(room_id)
     }
 
+    async fn room_nodes(&self, room_id: &str) -> Vec<String> {
+        if self.is_healthy() {
+            let key = format!("{OWNER_PREFIX}{room_id}");
+            let read = async {
+                let mut conn = self.conn.clone();
+                let tokens: Vec<String> = conn.hvals(key).await?;
+                Ok(tokens)
+            };
+            if let Some(tokens) = self.attempt("room nodes", read).await {
+                return super::memory::nodes_of(tokens.iter());
+            }
+        }
+        self.local.nodes_now(room_id)
+    }
+
     async fn is_online(&self, user_id: &str) -> bool {
         if self.local.is_online_now(user_id) {
             return true;

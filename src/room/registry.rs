@@ -26,6 +26,9 @@ pub trait RoomRegistry: Send + Sync + 'static {
     async fn leave(&self, member: &Member);
     /// The members of a room, on every node.
     async fn room_members(&self, room_id: &str) -> RoomListing;
+    /// The nodes with members in a room (from their connections' tokens, `<nodeId>/<sid>`),
+    /// sorted: where a room's media must reach (docs/CLUSTER.md).
+    async fn room_nodes(&self, room_id: &str) -> Vec<String>;
     /// Whether a user is connected to any node.
     async fn is_online(&self, user_id: &str) -> bool;
     /// Removes this node's entries (graceful shutdown).
