@@ -1,5 +1,6 @@
 //! Several nodes over one Redis: a pub/sub bus that carries deliveries between nodes.
 
 mod bus;
+pub mod pipe;
 
 pub use bus::{Bus, BusEvent};
