@@ -4,6 +4,7 @@
 // Prints one line per check and ends with "N passed, N failed"; exits non-zero on any failure.
 import { io } from 'socket.io-client';
 import assert from 'node:assert/strict';
+import { check, finish } from './checks.mjs';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -29,8 +30,6 @@ if (mode !== 'check' || args.length !== 3) {
 const [BASE, tokensFile, keyDir] = args;
 const tokens = JSON.parse(fs.readFileSync(tokensFile, 'utf8'));
 const TIMEOUT = 5000;
-let passed = 0;
-let failed = 0;
 const open = new Set();
 
 /** An RS256 token as another service would mint it. */
@@ -85,16 +84,6 @@ async function refusal(userId, roomId, options) {
   throw new Error(`${userId} connected`);
 }
 
-async function check(name, fn) {
-  try {
-    await fn();
-    passed++;
-    console.log(`ok   ${name}`);
-  } catch (e) {
-    failed++;
-    console.log(`FAIL ${name}: ${e && e.stack ? e.stack : e}`);
-  }
-}
 
 let alice;
 let bob;
@@ -176,5 +165,4 @@ await check('the API: the record grant starts its own room only', async () => {
 });
 
 for (const s of open) s.disconnect();
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed === 0 ? 0 : 1);
+finish();

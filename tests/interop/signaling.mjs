@@ -3,6 +3,7 @@
 // Prints one line per check and ends with "N passed, N failed"; exits non-zero on any failure.
 import { io } from 'socket.io-client';
 import assert from 'node:assert/strict';
+import { check, finish } from './checks.mjs';
 
 const BASE = process.argv[2];
 if (!BASE) {
@@ -10,8 +11,6 @@ if (!BASE) {
   process.exit(2);
 }
 const TIMEOUT = 5000;
-let passed = 0;
-let failed = 0;
 const open = new Set();
 
 const TRANSPORTS = {
@@ -61,16 +60,6 @@ const once = (socket, event) =>
     setTimeout(() => reject(new Error(`no ${event} within ${TIMEOUT} ms`)), TIMEOUT);
   });
 
-async function check(name, fn) {
-  try {
-    await fn();
-    passed++;
-    console.log(`ok   ${name}`);
-  } catch (e) {
-    failed++;
-    console.log(`FAIL ${name}: ${e && e.stack ? e.stack : e}`);
-  }
-}
 
 const member = (userId, roomId) => JSON.stringify({ userId, roomId });
 
@@ -172,5 +161,4 @@ for (const mode of Object.keys(TRANSPORTS)) {
 }
 
 for (const s of open) s.disconnect();
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+finish();
