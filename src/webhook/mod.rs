@@ -115,15 +115,14 @@ impl Webhooks {
         let Some(inner) = &self.inner else {
             return;
         };
-        let first = {
-            let mut rooms = inner.rooms.lock().unwrap_or_else(|e| e.into_inner());
-            let members = rooms.entry(room.to_owned()).or_default();
-            let first = members.is_empty();
-            if !members.insert(user.to_owned()) {
-                return; // a reconnection: the user never left
-            }
-            first
-        };
+        // Queued under the lock: two members joining or leaving at once must not have their
+        // events overtake each other (`room_finished` before the other's `participant_left`).
+        let mut rooms = inner.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let members = rooms.entry(room.to_owned()).or_default();
+        let first = members.is_empty();
+        if !members.insert(user.to_owned()) {
+            return; // a reconnection: the user never left
+        }
         if first {
             self.emit(Event::RoomStarted { room: room.into() });
         }
@@ -138,20 +137,18 @@ impl Webhooks {
         let Some(inner) = &self.inner else {
             return;
         };
-        let last = {
-            let mut rooms = inner.rooms.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(members) = rooms.get_mut(room) else {
-                return;
-            };
-            if !members.remove(user) {
-                return;
-            }
-            let last = members.is_empty();
-            if last {
-                rooms.remove(room);
-            }
-            last
+        let mut rooms = inner.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(members) = rooms.get_mut(room) else {
+            return;
         };
+        if !members.remove(user) {
+            return;
+        }
+        let last = members.is_empty();
+        if last {
+            rooms.remove(room);
+        }
+        // Under the lock, as in `participant_joined`.
         self.emit(Event::ParticipantLeft {
             room: room.into(),
             user: user.into(),
