@@ -4,7 +4,7 @@
 // Prints one line per check and ends with "N passed, N failed"; exits non-zero on any failure.
 import { io } from 'socket.io-client';
 import assert from 'node:assert/strict';
-import { check, finish } from './checks.mjs';
+import { check, finish, withQueuedMsgs } from './checks.mjs';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -45,33 +45,9 @@ function connect(userId, roomId, { token, auth, transports = ['websocket'] } = {
   const query = token === undefined ? { userId, roomId } : { userId, roomId, token };
   const socket = io(BASE, { transports, query, auth, forceNew: true, reconnection: false });
   open.add(socket);
-  const queue = [];
-  const waiters = [];
-  socket.on('msg', (data) => {
-    const w = waiters.findIndex((x) => x.match(data));
-    if (w >= 0) waiters.splice(w, 1)[0].resolve(data);
-    else queue.push(data);
-  });
-  socket.nextType = (type, match = () => true) => {
-    const ok = (m) => m && m.type === type && match(m);
-    const i = queue.findIndex(ok);
-    if (i >= 0) return Promise.resolve(queue.splice(i, 1)[0]);
-    return new Promise((resolve, reject) => {
-      const w = { match: ok, resolve };
-      waiters.push(w);
-      setTimeout(() => {
-        const k = waiters.indexOf(w);
-        if (k >= 0) {
-          waiters.splice(k, 1);
-          reject(new Error(`${userId}: no ${type} within ${TIMEOUT} ms`));
-        }
-      }, TIMEOUT);
-    });
-  };
-  return new Promise((resolve, reject) => {
-    socket.on('connect', () => resolve(socket));
-    socket.on('connect_error', (e) => reject(e));
-  });
+  const connected = withQueuedMsgs(socket, userId, TIMEOUT);
+  socket.nextType = (type, match = () => true) => socket.next((m) => m && m.type === type && match(m));
+  return connected;
 }
 
 /** The connect_error message a handshake gets (fails if it connects). */

@@ -19,3 +19,37 @@ export function finish() {
   console.log(`${passed} passed, ${failed} failed`);
   process.exit(failed ? 1 : 0);
 }
+
+/**
+ * Queues every `msg` the socket gets; `socket.next(match)` resolves with the next queued or
+ * future one for which `match` is true, or rejects after `timeout` ms naming `who`. Resolves
+ * once connected, rejects on connect_error.
+ */
+export function withQueuedMsgs(socket, who, timeout) {
+  const queue = [];
+  const waiters = [];
+  socket.on('msg', (data) => {
+    const w = waiters.findIndex((x) => x.match(data));
+    if (w >= 0) waiters.splice(w, 1)[0].resolve(data);
+    else queue.push(data);
+  });
+  socket.next = (match = () => true) => {
+    const i = queue.findIndex(match);
+    if (i >= 0) return Promise.resolve(queue.splice(i, 1)[0]);
+    return new Promise((resolve, reject) => {
+      const w = { match, resolve };
+      waiters.push(w);
+      setTimeout(() => {
+        const k = waiters.indexOf(w);
+        if (k >= 0) {
+          waiters.splice(k, 1);
+          reject(new Error(`${who}: no matching msg within ${timeout} ms`));
+        }
+      }, timeout);
+    });
+  };
+  return new Promise((resolve, reject) => {
+    socket.on('connect', () => resolve(socket));
+    socket.on('connect_error', (e) => reject(e));
+  });
+}

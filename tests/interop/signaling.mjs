@@ -3,7 +3,7 @@
 // Prints one line per check and ends with "N passed, N failed"; exits non-zero on any failure.
 import { io } from 'socket.io-client';
 import assert from 'node:assert/strict';
-import { check, finish } from './checks.mjs';
+import { check, finish, withQueuedMsgs } from './checks.mjs';
 
 const BASE = process.argv[2];
 if (!BASE) {
@@ -24,34 +24,9 @@ function connect(mode, userId, roomId, extra = {}) {
   const query = roomId === undefined ? { userId } : { userId, roomId };
   const socket = io(BASE, { ...TRANSPORTS[mode], query, forceNew: true, reconnection: false, ...extra });
   open.add(socket);
-  const queue = [];
-  const waiters = [];
-  socket.on('msg', (data) => {
-    const w = waiters.findIndex((x) => x.match(data));
-    if (w >= 0) waiters.splice(w, 1)[0].resolve(data);
-    else queue.push(data);
-  });
-  /** The next queued or future `msg` for which `match` is true. */
-  socket.next = (match = () => true) => {
-    const i = queue.findIndex(match);
-    if (i >= 0) return Promise.resolve(queue.splice(i, 1)[0]);
-    return new Promise((resolve, reject) => {
-      const w = { match, resolve };
-      waiters.push(w);
-      setTimeout(() => {
-        const k = waiters.indexOf(w);
-        if (k >= 0) {
-          waiters.splice(k, 1);
-          reject(new Error(`${userId}: no matching msg within ${TIMEOUT} ms`));
-        }
-      }, TIMEOUT);
-    });
-  };
+  const connected = withQueuedMsgs(socket, userId, TIMEOUT);
   socket.nextType = (type) => socket.next((m) => m && m.type === type);
-  return new Promise((resolve, reject) => {
-    socket.on('connect', () => resolve(socket));
-    socket.on('connect_error', (e) => reject(e));
-  });
+  return connected;
 }
 
 const once = (socket, event) =>
