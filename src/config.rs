@@ -22,6 +22,27 @@ pub struct Config {
     pub webhook: WebhookConfig,
     pub api: ApiConfig,
     pub auth: AuthConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Rooms across nodes (docs/CLUSTER.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterConfig {
+    /// The address other nodes send this node's relayed media to (a private network); empty:
+    /// the media address.
+    pub relay_ip: String,
+}
+
+impl ClusterConfig {
+    pub fn relay_ip(&self) -> Result<Option<std::net::IpAddr>, String> {
+        match self.relay_ip.trim() {
+            "" => Ok(None),
+            ip => ip
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("cluster.relay_ip must be an IP address, got {ip:?}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -280,6 +301,9 @@ impl Config {
             figment = figment.merge(Serialized::default("recording.dir", v));
         }
         let config: Config = figment.extract().map_err(Box::new)?;
+        if let Err(e) = config.cluster.relay_ip() {
+            return Err(Box::new(figment::Error::from(e)));
+        }
         if !config.media.public_ip.trim().is_empty() && config.media.advertised_ip().is_none() {
             return Err(Box::new(figment::Error::from(format!(
                 "media.public_ip must be an IP address, got {:?}",

@@ -119,7 +119,7 @@ impl Server {
         let is_current =
             Box::new(move |user: &str, session: &str| sessions.is_current(user, session));
         let signal = Arc::new(Signal {
-            outbox: Outbox::new(rooms, bus),
+            outbox: Outbox::new(rooms, bus.clone()),
             sfu: Sfu::start(
                 &config.media,
                 sfu_tx,
@@ -129,6 +129,11 @@ impl Server {
                     media_sinks,
                     webhooks.clone(),
                 )),
+                sfu::ClusterLink {
+                    node_id: node_id.clone(),
+                    bus: bus.clone(),
+                    relay_ip: config.cluster.relay_ip().map_err(anyhow::Error::msg)?,
+                },
             )?,
             node_id: node_id.clone(),
             max_message_bytes: config.signal.max_message_bytes,

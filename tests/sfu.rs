@@ -8,40 +8,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use std::sync::Arc;
 
-use common::peer::{MediaShape, Options, TestPeer, payload};
+use common::peer::{MEDIA_WAIT, MediaShape, Options, TestPeer, keeps_receiving, receives_exactly};
 use common::{Process, eventually, healthz, start};
-
-const MEDIA_WAIT: Duration = Duration::from_secs(20);
-
-/// Whether `peer` receives exactly the audio and video of each of `publishers`, with the
-/// publisher's userId as stream id and the payloads as the publisher sent them.
-fn receives_exactly(peer: &TestPeer, publishers: &[(&str, u8)]) -> bool {
-    let live = peer.live_tracks();
-    let flowing: Vec<_> = live.iter().filter(|r| r.packets >= 5).collect();
-    if flowing.len() != publishers.len() * 2 {
-        return false;
-    }
-    publishers.iter().all(|(user, index)| {
-        let tracks = peer.tracks_from(user);
-        tracks.len() == 2
-            && tracks.iter().all(|r| {
-                let video = r.kind == "video";
-                let expected_id = if video {
-                    format!("{user}-video")
-                } else {
-                    format!("{user}-audio")
-                };
-                r.track_id == expected_id
-                    && r.first_payloads.iter().all(|p| {
-                        // Same bytes as sent: marker byte for the user, then the counter.
-                        let at = if video { 3 } else { 2 };
-                        let n = u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
-                        let keyframe = video && p[1] == 0x00;
-                        *p == payload(*index, video, n, keyframe)
-                    })
-            })
-    })
-}
 
 /// A runtime for one peer's connections: shutting it down makes them vanish without a goodbye
 /// (a network failure) while the peer's signaling goes on.
@@ -63,18 +31,6 @@ async fn alice_publishing_to_bob(addr: std::net::SocketAddr) -> (TestPeer, TestP
         b.summary()
     );
     (a, b)
-}
-
-/// Whether more of `publisher`'s packets keep reaching `peer`.
-async fn keeps_receiving(peer: &TestPeer, publisher: &str) -> bool {
-    let packets = || {
-        peer.tracks_from(publisher)
-            .iter()
-            .map(|t| t.packets)
-            .sum::<u64>()
-    };
-    let before = packets();
-    eventually(MEDIA_WAIT, || packets() > before + 50).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

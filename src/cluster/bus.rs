@@ -41,6 +41,8 @@ pub enum BusEvent {
         token: String,
         room_id: Option<String>,
     },
+    /// Media across nodes: rooms, pipes, tracks (`crate::sfu::pipes`).
+    Media(super::MediaEvent),
 }
 
 #[derive(Serialize, Deserialize)]

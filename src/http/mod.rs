@@ -79,7 +79,10 @@ fn media_stats(sfu: &crate::sfu::Sfu) -> Value {
         "tracksRefused": s.tracks_refused.load(Relaxed),
                 "channelsRefused": s.channels_refused.load(Relaxed),
         "sessionStartsRefused": s.session_starts_refused.load(Relaxed),
-        "dataMessagesTooLarge": s.data_messages_too_large.load(Relaxed),
+                "dataMessagesTooLarge": s.data_messages_too_large.load(Relaxed),
+        // Rooms across nodes: packets from and to other nodes' pipes.
+        "relayedIn": s.relayed_in.load(Relaxed),
+        "relayedOut": s.relayed_out.load(Relaxed),
     })
 }
 

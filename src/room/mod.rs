@@ -9,7 +9,7 @@ use std::sync::PoisonError;
 use std::sync::{Arc, Mutex};
 
 pub use memory::MemoryRegistry;
-pub use redis::{ROOM_PREFIX, Reaped, RedisRegistry};
+pub use redis::{DeadNode, ROOM_PREFIX, Reaped, RedisRegistry};
 pub use registry::{Member, RoomListing, RoomRegistry};
 
 /// One live connection on this node. `H` is the edge's handle to reach it (a socket id).

@@ -108,13 +108,20 @@ pub struct Reaped {
     pub user_id: String,
 }
 
+/// A node found dead, and the room members it had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadNode {
+    pub node: String,
+    pub members: Vec<Reaped>,
+}
+
 pub struct RedisRegistry {
     local: MemoryRegistry,
     conn: ConnectionManager,
     node_id: String,
     cfg: RedisConfig,
     healthy: AtomicBool,
-    reaped: mpsc::UnboundedSender<Reaped>,
+    reaped: mpsc::UnboundedSender<DeadNode>,
     stop: CancellationToken,
     scripts: Scripts,
     /// Serializes Redis writes with the resync, so a join or leave can never interleave with a
@@ -132,12 +139,12 @@ type RedisError = Box<dyn std::error::Error + Send + Sync>;
 
 impl RedisRegistry {
     /// Connects lazily (the server starts even while Redis is down), makes a first heartbeat
-    /// and starts the heartbeat task. Members of dead nodes this node removes come on `reaped`.
+    /// and starts the heartbeat task. Dead nodes this node removes come on `reaped`.
     pub async fn start(
         url: &str,
         node_id: &str,
         cfg: &RedisConfig,
-        reaped: mpsc::UnboundedSender<Reaped>,
+        reaped: mpsc::UnboundedSender<DeadNode>,
     ) -> anyhow::Result<Arc<Self>> {
         let client = redis::Client::open(url)?;
         let conn_cfg = ConnectionManagerConfig::new()
@@ -332,9 +339,10 @@ impl RedisRegistry {
             }
             let freed = self.reap(node).await?;
             info!(dead_node = %node, members = freed.len(), "removed a dead node's room members");
-            for r in freed {
-                let _ = self.reaped.send(r);
-            }
+            let _ = self.reaped.send(DeadNode {
+                node: node.clone(),
+                members: freed,
+            });
         }
         Ok(())
     }

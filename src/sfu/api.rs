@@ -88,6 +88,11 @@ pub enum SfuEvent {
         room_id: String,
         track: TrackInfo,
     },
+    /// A track of a node found dead: each node tells its own members (`trackUnpublished`).
+    RemoteTrackGone {
+        room_id: String,
+        track: TrackInfo,
+    },
     TrackMuted {
         room_id: String,
         track: TrackInfo,

@@ -41,6 +41,8 @@ pub enum Input {
     Command(Command),
     /// Datagrams another loop received for connections of this one.
     Datagrams(Vec<(ConnRef, SocketAddr, Vec<u8>)>),
+    /// Pipe datagrams from another node (by its id) for this loop's remote tracks.
+    PipeDatagrams(Vec<(Arc<str>, Vec<u8>)>),
     /// Routes to connections another loop closed.
     Forget(Vec<SocketAddr>),
     Shutdown(oneshot::Sender<()>),
@@ -73,6 +75,15 @@ impl Mailbox {
         }
         self.handed_over.fetch_add(n, Ordering::Relaxed);
         self.send(Input::Datagrams(datagrams))
+    }
+
+    fn hand_over_pipe(&self, datagrams: Vec<(Arc<str>, Vec<u8>)>) -> bool {
+        let n = datagrams.len();
+        if self.handed_over.load(Ordering::Relaxed) + n > MAX_HANDED_OVER {
+            return false;
+        }
+        self.handed_over.fetch_add(n, Ordering::Relaxed);
+        self.send(Input::PipeDatagrams(datagrams))
     }
 }
 
@@ -259,6 +270,14 @@ impl EventLoop {
                         }
                     }
                 }
+                Input::PipeDatagrams(datagrams) => {
+                    self.peers[self.index]
+                        .handed_over
+                        .fetch_sub(datagrams.len(), Ordering::Relaxed);
+                    for (peer, data) in datagrams {
+                        self.state.handle_pipe(&peer, &data, now);
+                    }
+                }
                 Input::Forget(addrs) => {
                     self.state.routes.forget(&addrs);
                     self.disconnect(&addrs);
@@ -282,6 +301,7 @@ impl EventLoop {
     /// more than one extra read.
     fn receive(&mut self, direct: Option<usize>, now: Instant) {
         let mut handover: Vec<Vec<(ConnRef, SocketAddr, Vec<u8>)>> = Vec::new();
+        let mut pipe_handover: Vec<Vec<(Arc<str>, Vec<u8>)>> = Vec::new();
         let mut read_since_send = 0;
         loop {
             let received = match direct {
@@ -317,9 +337,20 @@ impl EventLoop {
                         }
                         handover[conn.loop_index].push((conn, from, data.to_vec()));
                     }
-                    None => {
-                        stats.unrouted.fetch_add(1, Ordering::Relaxed);
-                    }
+                    None => match self.shared.pipes.route(from, data) {
+                        Some((peer, l)) if l == self.index => {
+                            self.state.handle_pipe(&peer, data, now)
+                        }
+                        Some((peer, l)) => {
+                            if pipe_handover.len() <= l {
+                                pipe_handover.resize_with(l + 1, Vec::new);
+                            }
+                            pipe_handover[l].push((peer, data.to_vec()));
+                        }
+                        None => {
+                            stats.unrouted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
                 }
             }
             read_since_send += 1;
@@ -336,6 +367,18 @@ impl EventLoop {
                 }
                 let stats = &self.shared.stats;
                 if self.peers[target].hand_over(std::mem::take(datagrams)) {
+                    stats.handed_over.fetch_add(n, Ordering::Relaxed);
+                } else {
+                    stats.handover_dropped.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            for (target, datagrams) in pipe_handover.iter_mut().enumerate() {
+                let n = datagrams.len() as u64;
+                if n == 0 {
+                    continue;
+                }
+                let stats = &self.shared.stats;
+                if self.peers[target].hand_over_pipe(std::mem::take(datagrams)) {
                     stats.handed_over.fetch_add(n, Ordering::Relaxed);
                 } else {
                     stats.handover_dropped.fetch_add(n, Ordering::Relaxed);
@@ -361,6 +404,12 @@ impl EventLoop {
         stats
             .media_rejected
             .fetch_add(received.rejected, Ordering::Relaxed);
+        stats
+            .relayed_in
+            .fetch_add(received.relayed_in, Ordering::Relaxed);
+        stats
+            .relayed_out
+            .fetch_add(received.relayed_out, Ordering::Relaxed);
         let forgotten = std::mem::take(&mut self.state.forgotten);
         if !forgotten.is_empty() {
             self.disconnect(&forgotten);

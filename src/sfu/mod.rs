@@ -23,6 +23,7 @@ pub mod forward;
 pub mod ingress;
 pub mod io;
 pub mod peer;
+pub mod pipes;
 pub mod relay;
 pub mod rooms;
 mod starts;
@@ -38,11 +39,12 @@ use tracing::info;
 use crate::auth::Grants;
 use crate::config::MediaConfig;
 
+use crate::cluster::MediaEvent;
 use api::{IceCandidate, PcKind, SfuError, SfuEvent, TrackInfo};
 use event_loop::{Input, LoopConfig, Mailbox};
 use forward::Quality;
 use peer::PeerSettings;
-use relay::{Command, Reply};
+use relay::{ClusterCommand, Command, Reply};
 use rooms::Directory;
 
 /// Counters of the media plane, for `/healthz` and the load tool.
@@ -74,6 +76,10 @@ pub struct Stats {
     pub channels_refused: AtomicU64,
     /// Media sessions refused: their user started too many this minute.
     pub session_starts_refused: AtomicU64,
+    /// Packets received on pipes from other nodes, and sent on pipes to them (once per track,
+    /// layer and node, whatever the number of subscribers there).
+    pub relayed_in: AtomicU64,
+    pub relayed_out: AtomicU64,
     /// Data-channel messages over `media.max_data_message_bytes`, not relayed.
     pub data_messages_too_large: AtomicU64,
 }
@@ -95,6 +101,16 @@ pub struct Shared {
     directory: Mutex<Directory>,
     pub stats: Stats,
     pub recordings: Arc<crate::record::Recordings>,
+    /// The other nodes' pipes and this node's place among them.
+    pub pipes: pipes::Pipes,
+}
+
+/// How the media plane reaches other nodes: its node id, the bus (none: a single node), and
+/// the address other nodes send to (`cluster.relay_ip`; `None`: the media address).
+pub struct ClusterLink {
+    pub node_id: String,
+    pub bus: Option<Arc<crate::cluster::Bus>>,
+    pub relay_ip: Option<std::net::IpAddr>,
 }
 
 impl Shared {
@@ -129,6 +145,7 @@ impl Sfu {
         events: mpsc::UnboundedSender<SfuEvent>,
         is_current: SessionCheck,
         recordings: Arc<crate::record::Recordings>,
+        cluster: ClusterLink,
     ) -> anyhow::Result<Arc<Sfu>> {
         let loops = config.loops();
         let sockets = io::port::bind(SocketAddr::new(config.ip, config.udp_port), loops)?;
@@ -142,10 +159,19 @@ impl Sfu {
         }
         let media_addr = SocketAddr::new(advertised, bound.port());
         let gso = io::gso_supported(&sockets[0]);
+        let relay = SocketAddr::new(
+            cluster.relay_ip.unwrap_or(if bound.ip().is_unspecified() {
+                advertised
+            } else {
+                bound.ip()
+            }),
+            bound.port(),
+        );
         let shared = Arc::new(Shared {
             directory: Mutex::new(Directory::new(loops)),
             stats: Stats::default(),
             recordings,
+            pipes: pipes::Pipes::new(&cluster.node_id, relay, cluster.bus),
         });
         let (mailboxes, threads) = event_loop::start(
             sockets,
@@ -465,6 +491,167 @@ impl Sfu {
             reply: tx,
         }));
         sent && rx.await.unwrap_or(false)
+    }
+
+    /// What another node announced over the bus.
+    pub fn cluster(&self, event: MediaEvent) {
+        let pipes = &self.shared.pipes;
+        let to_room = |room: &str, command: ClusterCommand| {
+            if let Some(l) = self.shared.directory().loop_of_room(room) {
+                self.loops[l].send(Input::Command(Command::Cluster(command)));
+            }
+        };
+        let to_all = |make: &dyn Fn() -> ClusterCommand| {
+            for mailbox in &self.loops {
+                mailbox.send(Input::Command(Command::Cluster(make())));
+            }
+        };
+        match event {
+            MediaEvent::RoomOpen { room, node, relay } => {
+                if node.id == pipes.me.id {
+                    return;
+                }
+                if pipes.restarted(&node) {
+                    self.forget_node(&node.id);
+                }
+                if pipes.open_outbound(&node, relay) {
+                    to_all(&|| ClusterCommand::PipeChanged {
+                        node: node.id.clone(),
+                    });
+                }
+                to_room(&room.clone(), ClusterCommand::RoomOpened { room, node });
+            }
+            MediaEvent::RoomClosed { room, node } => {
+                to_room(
+                    &room.clone(),
+                    ClusterCommand::RoomClosed {
+                        room,
+                        node: node.id,
+                    },
+                );
+            }
+            MediaEvent::PipeKey {
+                from,
+                to,
+                relay,
+                key,
+            } => {
+                if to != pipes.me.id {
+                    return;
+                }
+                if pipes.restarted(&from) {
+                    self.forget_node(&from.id);
+                }
+                if pipes.accept_inbound(&from, relay, key) {
+                    to_all(&|| ClusterCommand::PipeChanged {
+                        node: from.id.clone(),
+                    });
+                }
+            }
+            MediaEvent::TrackUp { room, node, track } => {
+                to_room(
+                    &room.clone(),
+                    ClusterCommand::TrackUp {
+                        room,
+                        node,
+                        track: Box::new(track),
+                    },
+                );
+            }
+            MediaEvent::TrackDown {
+                room,
+                node,
+                owner,
+                track_id,
+            } => to_room(
+                &room.clone(),
+                ClusterCommand::TrackDown {
+                    room,
+                    node: node.id,
+                    owner,
+                    track_id,
+                },
+            ),
+            MediaEvent::Muted {
+                room,
+                node,
+                owner,
+                track_id,
+                muted,
+            } => to_room(
+                &room.clone(),
+                ClusterCommand::Muted {
+                    room,
+                    node: node.id,
+                    owner,
+                    track_id,
+                    muted,
+                },
+            ),
+            MediaEvent::ChannelUp {
+                room,
+                node,
+                channel,
+            } => to_room(
+                &room.clone(),
+                ClusterCommand::ChannelUp {
+                    room,
+                    node: node.id,
+                    channel,
+                },
+            ),
+            MediaEvent::ChannelDown { room, node, key } => to_room(
+                &room.clone(),
+                ClusterCommand::ChannelDown {
+                    room,
+                    node: node.id,
+                    key,
+                },
+            ),
+            MediaEvent::Data {
+                room,
+                node,
+                key,
+                text,
+                data,
+            } => to_room(
+                &room.clone(),
+                ClusterCommand::Data {
+                    room,
+                    node: node.id,
+                    key,
+                    text,
+                    data,
+                },
+            ),
+            MediaEvent::Keyframe { to, ssrc } => {
+                if to == pipes.me.id {
+                    to_all(&|| ClusterCommand::Keyframe { ssrc });
+                }
+            }
+            MediaEvent::NodeGone { node } => self.forget_node(&node),
+        }
+    }
+
+    /// The registry found `node` dead: its tracks leave this node's rooms, and every other
+    /// node is told to do the same.
+    pub fn node_gone(&self, node: &str) {
+        self.shared.pipes.publish(MediaEvent::NodeGone {
+            node: node.to_owned(),
+        });
+        self.forget_node(node);
+    }
+
+    fn forget_node(&self, node: &str) {
+        if node == self.shared.pipes.me.id {
+            return;
+        }
+        self.shared.pipes.forget(node);
+        for mailbox in &self.loops {
+            mailbox.send(Input::Command(Command::Cluster(ClusterCommand::NodeGone {
+                node: node.to_owned(),
+            })));
+        }
     }
 
     /// Closes every media session and stops the loops (graceful shutdown).

@@ -146,6 +146,8 @@ pub enum Delivery {
     /// To one connection: (userId, connection token).
     Session(String, String, Envelope<Value>),
     Room(String, Envelope<Value>),
+    /// To the room's members on this node only.
+    LocalRoom(String, Envelope<Value>),
 }
 
 pub fn delivery(event: SfuEvent) -> Delivery {
@@ -204,6 +206,10 @@ pub fn delivery(event: SfuEvent) -> Delivery {
             error,
         } => Delivery::Session(user_id, session, refusal(error).envelope("offer")),
         SfuEvent::TrackUnpublished { room_id, track } => Delivery::Room(
+            room_id,
+            Envelope::ok("trackUnpublished", "track unpublished", json!(track)),
+        ),
+        SfuEvent::RemoteTrackGone { room_id, track } => Delivery::LocalRoom(
             room_id,
             Envelope::ok("trackUnpublished", "track unpublished", json!(track)),
         ),

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::cluster::BusEvent;
-use crate::room::Reaped;
+use crate::room::DeadNode;
 use crate::sfu::Sfu;
 use crate::sfu::api::SfuEvent;
 pub use connection::Conn;
@@ -56,7 +56,7 @@ pub fn install(
     io: &SocketIo,
     app: App,
     from_bus: mpsc::Receiver<BusEvent>,
-    reaped: mpsc::UnboundedReceiver<Reaped>,
+    reaped: mpsc::UnboundedReceiver<DeadNode>,
     from_sfu: mpsc::UnboundedReceiver<SfuEvent>,
 ) {
     io.ns("/", connection::on_connect.with(connection::authenticate));
@@ -253,7 +253,7 @@ fn over_budget(app: &Signal, conn: &Conn) -> Result<(), Refusal> {
 async fn apply_remote(
     app: App,
     mut from_bus: mpsc::Receiver<BusEvent>,
-    mut reaped: mpsc::UnboundedReceiver<Reaped>,
+    mut reaped: mpsc::UnboundedReceiver<DeadNode>,
     mut from_sfu: mpsc::UnboundedReceiver<SfuEvent>,
 ) {
     let outbox = &app.outbox;
@@ -267,22 +267,30 @@ async fn apply_remote(
                         outbox.to_local_user(&user, &envelope);
                     }
                 }
-                media::Delivery::Room(room, envelope) => outbox.to_room(&room, &envelope).await,
+                                media::Delivery::Room(room, envelope) => outbox.to_room(&room, &envelope).await,
+                media::Delivery::LocalRoom(room, envelope) => {
+                    outbox.to_local_room(&room, &envelope).await
+                }
             },
             Some(event) = from_bus.recv() => match event {
                 BusEvent::Room { room_id, payload } => outbox.to_local_room(&room_id, &payload).await,
                 BusEvent::User { user_id, payload } => {
                     outbox.to_local_user(&user_id, &payload);
                 }
-                BusEvent::Replace { user_id, token, room_id } => {
+                                BusEvent::Replace { user_id, token, room_id } => {
                     if let Some(old) = outbox.rooms.evict(&user_id, &token) {
                         connection::close_replaced(outbox.io(), old.handle, room_id);
                     }
                 }
+                BusEvent::Media(event) => app.sfu.cluster(event),
             },
-            Some(gone) = reaped.recv() => {
-                warn!(user = %gone.user_id, room = %gone.room_id, "member of a dead node removed");
-                outbox.to_room(&gone.room_id, &protocol::leave_envelope(&gone.user_id, &gone.room_id)).await;
+                        Some(dead) = reaped.recv() => {
+                // Its tracks leave every node's rooms (each tells its own members).
+                app.sfu.node_gone(&dead.node);
+                for gone in dead.members {
+                    warn!(user = %gone.user_id, room = %gone.room_id, "member of a dead node removed");
+                    outbox.to_room(&gone.room_id, &protocol::leave_envelope(&gone.user_id, &gone.room_id)).await;
+                }
             }
             else => return,
         }

@@ -870,3 +870,48 @@ async fn record_channel(dc: Arc<dyn DataChannel>, observed: Arc<Observed>) {
         }
     }
 }
+
+/// How long media set-up and delivery may take in tests on a busy machine.
+pub const MEDIA_WAIT: Duration = Duration::from_secs(20);
+
+/// Whether `peer` receives exactly the audio and video of each of `publishers`, with the
+/// publisher's userId as stream id and the payloads as the publisher sent them.
+pub fn receives_exactly(peer: &TestPeer, publishers: &[(&str, u8)]) -> bool {
+    let live = peer.live_tracks();
+    let flowing: Vec<_> = live.iter().filter(|r| r.packets >= 5).collect();
+    if flowing.len() != publishers.len() * 2 {
+        return false;
+    }
+    publishers.iter().all(|(user, index)| {
+        let tracks = peer.tracks_from(user);
+        tracks.len() == 2
+            && tracks.iter().all(|r| {
+                let video = r.kind == "video";
+                let expected_id = if video {
+                    format!("{user}-video")
+                } else {
+                    format!("{user}-audio")
+                };
+                r.track_id == expected_id
+                    && r.first_payloads.iter().all(|p| {
+                        // Same bytes as sent: marker byte for the user, then the counter.
+                        let at = if video { 3 } else { 2 };
+                        let n = u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+                        let keyframe = video && p[1] == 0x00;
+                        *p == payload(*index, video, n, keyframe)
+                    })
+            })
+    })
+}
+
+/// Whether more of `publisher`'s packets keep reaching `peer`.
+pub async fn keeps_receiving(peer: &TestPeer, publisher: &str) -> bool {
+    let packets = || {
+        peer.tracks_from(publisher)
+            .iter()
+            .map(|t| t.packets)
+            .sum::<u64>()
+    };
+    let before = packets();
+    super::eventually(MEDIA_WAIT, || packets() > before + 50).await
+}

@@ -22,6 +22,8 @@ pub const LAYER_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 struct Layer {
     ssrc: u32,
+    /// The simulcast rid it was announced with (`None`: the single stream).
+    rid: Option<String>,
     quality: Quality,
     last_seen: Option<Instant>,
     last_keyframe_request: Option<Instant>,
@@ -123,6 +125,11 @@ impl<S> TrackForwarder<S> {
         }
     }
 
+    /// The rid a layer was added with.
+    pub fn rid_of(&self, ssrc: u32) -> Option<String> {
+        self.layers.iter().find(|l| l.ssrc == ssrc)?.rid.clone()
+    }
+
     fn quality_of(&self, rid: &str) -> Quality {
         if let Some((_, q)) = self.rid_ranks.iter().find(|(r, _)| r == rid) {
             return *q;
@@ -154,6 +161,7 @@ impl<S> TrackForwarder<S> {
             .map(|i| self.layers.swap_remove(i).ssrc);
         self.layers.push(Layer {
             ssrc,
+            rid: rid.map(str::to_owned),
             quality,
             last_seen: None,
             last_keyframe_request: None,

@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use rtc::data_channel::{RTCDataChannelId, RTCDataChannelInit, RTCDataChannelMessage};
 use tracing::{debug, info, warn};
 
-use super::{ChannelCopy, ChannelSource, MediaState};
+use super::{ChannelCopy, ChannelOrigin, ChannelSource, MediaState};
 use crate::sfu::api::{PcKind, SfuError, SfuEvent};
 use crate::sfu::peer::ConnKey;
 
@@ -82,8 +82,8 @@ impl MediaState {
         let c = self.channels.insert(ChannelSource {
             owner: user.clone(),
             room: room.clone(),
-            conn: key,
-            id,
+            origin: ChannelOrigin::Local { conn: key, id },
+            key: crate::random_u64(),
             label: label.clone(),
             init,
             copies: Vec::new(),
@@ -96,6 +96,7 @@ impl MediaState {
         for other in others {
             self.add_copy(&other, c, now);
         }
+        self.announce_channel(c);
     }
 
     /// Creates the copy of a channel on a member's subscriber connection.
@@ -159,6 +160,17 @@ impl MediaState {
             }
             return;
         }
+        self.announce_message(c, &message);
+        self.relay_message(c, &message, now);
+    }
+
+    /// Sends a message to every open copy of channel `c` here.
+    pub(super) fn relay_message(
+        &mut self,
+        c: usize,
+        message: &RTCDataChannelMessage,
+        now: Instant,
+    ) {
         let limit = self.data_channel_limit;
         let mut touched = Vec::new();
         let mut dropped = 0;
@@ -211,6 +223,7 @@ impl MediaState {
 
     /// A published channel ended: its copies close.
     pub(super) fn remove_channel(&mut self, c: usize, _now: Instant) {
+        self.announce_channel_down(c);
         let Some(source) = self.channels.try_remove(c) else {
             return;
         };
@@ -225,7 +238,9 @@ impl MediaState {
         for copy in &source.copies {
             self.mark_dirty(copy.conn);
         }
-        if let Some(conn) = self.conns.get_mut(source.conn) {
+        if let ChannelOrigin::Local { conn, .. } = source.origin
+            && let Some(conn) = self.conns.get_mut(conn)
+        {
             conn.channels.retain(|(_, k)| *k != c);
         }
         if let Some(r) = self.rooms.get_mut(&source.room) {

@@ -9,6 +9,9 @@
 
 mod channels;
 pub mod negotiation;
+mod remote;
+mod remote_channels;
+
 mod signaling;
 mod tracks;
 
@@ -34,6 +37,7 @@ use tracing::{debug, warn};
 
 use crate::auth::Grants;
 
+pub use remote::{ClusterCommand, Origin, Relay};
 pub use signaling::{Command, Reply};
 
 use super::Shared;
@@ -111,26 +115,37 @@ pub struct PublishedTrack {
     pub muted: bool,
     /// The publisher's header-extension ids (by URI) of the forwarded extensions.
     pub ext_ids: Vec<(String, u8)>,
-    pub publisher: ConnKey,
-    /// Source SSRC of each layer -> its receiver (keyframe requests go there).
+    /// A local member's connection, or another node's pipe.
+    pub origin: Origin,
+    /// Source SSRC of each layer -> its receiver (keyframe requests go there; local tracks).
     pub receivers: Vec<(u32, RTCRtpReceiverId)>,
     pub forwarder: TrackForwarder<DownSink>,
     /// The track's recording, fed by a down-track of its own.
     pub recording: Option<crate::record::Recorder>,
     /// RTP egress: a down-track per destination.
     pub rtp_out: Vec<DownTrackId>,
+    /// Other nodes it is relayed to (local tracks).
+    pub relay: Relay,
 }
 
 /// A data channel a member opened, and its copies on the other members' connections.
 pub struct ChannelSource {
     pub owner: String,
     pub room: String,
-    pub conn: ConnKey,
-    pub id: RTCDataChannelId,
+    /// A local member's channel (its connection and id there), or another node's.
+    pub origin: ChannelOrigin,
+    /// Names the channel across nodes.
+    pub key: u64,
     pub label: String,
     /// What the copies are created with (`protocol` = the owner's userId).
     pub init: RTCDataChannelInit,
     pub copies: Vec<ChannelCopy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelOrigin {
+    Local { conn: ConnKey, id: RTCDataChannelId },
+    Remote { node: String },
 }
 
 pub struct ChannelCopy {
@@ -148,8 +163,11 @@ pub struct Room {
     pub recorded_tracks: usize,
     /// The participant recorded, when only one is (not the room).
     pub recorded_user: Option<String>,
+    /// Local and remote tracks.
     pub tracks: Vec<usize>,
     pub channels: Vec<usize>,
+    /// Other nodes with members in the room (its local tracks are relayed to them).
+    pub nodes: Vec<String>,
 }
 
 pub struct MediaState {
@@ -179,6 +197,10 @@ pub struct MediaState {
     next_conn_id: u64,
     /// Counted here per packet, added to the shared counters per batch.
     pub received: ReceiveCounts,
+    /// This loop's SRTP contexts of the pipes to and from other nodes.
+    loop_pipes: super::pipes::LoopPipes,
+    /// Remote tracks by the pipe streams that feed them.
+    remote_streams: remote::RemoteStreams,
 }
 
 /// Publishers' media on the server's own receive path since the last batch.
@@ -186,6 +208,9 @@ pub struct MediaState {
 pub struct ReceiveCounts {
     pub media: u64,
     pub rejected: u64,
+    /// Packets received from other nodes' pipes, and sent on pipes to them.
+    pub relayed_in: u64,
+    pub relayed_out: u64,
 }
 
 impl MediaState {
@@ -217,6 +242,8 @@ impl MediaState {
             forgotten: Vec::new(),
             next_conn_id: 0,
             received: ReceiveCounts::default(),
+            loop_pipes: Default::default(),
+            remote_streams: Default::default(),
         }
     }
 

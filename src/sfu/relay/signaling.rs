@@ -92,6 +92,8 @@ pub enum Command {
         to: Option<(std::net::IpAddr, u16)>,
         reply: oneshot::Sender<Vec<crate::record::rtp_out::OutTrack>>,
     },
+    /// What another node announced about a room held here (or about itself).
+    Cluster(super::ClusterCommand),
 }
 
 fn bad_sdp(e: impl ToString) -> SfuError {
@@ -197,6 +199,7 @@ impl MediaState {
             } => {
                 let _ = reply.send(self.rtp_out(&room, user.as_deref(), to));
             }
+            Command::Cluster(command) => self.handle_cluster(command, now),
         }
     }
 
@@ -247,10 +250,14 @@ impl MediaState {
                 grants,
             },
         );
+        let opened = !self.rooms.contains_key(room);
         let r = self.rooms.entry(room.to_owned()).or_default();
         r.members.push(user.to_owned());
         let (tracks, channels) = (r.tracks.clone(), r.channels.clone());
         let recorded = (r.recorded_tracks > 0).then(|| r.recorded_user.clone());
+        if opened {
+            self.room_opened_here(room);
+        }
         if let Some(recorded_user) = recorded {
             self.emit(SfuEvent::RecordingOngoing {
                 user_id: user.to_owned(),
@@ -606,12 +613,13 @@ impl MediaState {
     ) -> Result<(), SfuError> {
         let t = self.find_track(room, track_id)?;
         let track = &mut self.tracks[t];
-        if track.owner != user {
+        if track.owner != user || !track.is_local() {
             return Err(SfuError::NotYourTrack(track_id.to_owned()));
         }
         track.muted = muted;
         track.forwarder.set_muted(muted);
         let info = track.info();
+        self.announce_track_change(t, false);
         self.emit(SfuEvent::TrackMuted {
             room_id: room.to_owned(),
             track: info,
@@ -639,12 +647,12 @@ impl MediaState {
             .map(|r| (r.tracks.clone(), r.channels.clone()))
             .unwrap_or_default();
         for t in tracks {
-            if self.tracks[t].owner == user {
+            if self.tracks[t].owner == user && self.tracks[t].is_local() {
                 self.unpublish(t, now);
             }
         }
         for c in channels {
-            if self.channels[c].owner == user {
+            if self.channels[c].owner == user && self.channels[c].is_local() {
                 self.remove_channel(c, now);
             } else {
                 self.channels[c].copies.retain(|copy| copy.user != user);
@@ -664,8 +672,10 @@ impl MediaState {
         }
         if let Some(r) = self.rooms.get_mut(&room) {
             r.members.retain(|u| u != user);
-            if r.members.is_empty() {
-                self.rooms.remove(&room);
+            if r.members.is_empty()
+                && let Some(r) = self.rooms.remove(&room)
+            {
+                self.room_closed_here(&room, r);
             }
         }
         info!(%user, "media session ended");

@@ -20,7 +20,8 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use tracing::{debug, info, warn};
 
-use super::{DownEntry, DownSink, MediaState, PublishedTrack};
+use super::remote::relay_packet;
+use super::{DownEntry, DownSink, MediaState, Origin, PublishedTrack, Relay};
 use crate::record::TrackMeta;
 use crate::record::rtp_out::{self, OutTrack};
 use crate::sfu::api::{MediaKind, PcKind, SfuError, SfuEvent, TrackInfo};
@@ -134,6 +135,7 @@ impl MediaState {
             .find(|&&t| self.tracks[t].track_id == track_id && self.tracks[t].owner == user)
         {
             let track = &mut self.tracks[t];
+            let new_layer = !track.forwarder.has_layer(ssrc);
             let replaced = track.forwarder.add_layer(ssrc, rid.as_deref());
             // A source that replaced another (the same track published again, a layer's new
             // SSRC) takes its place everywhere: nothing grows with each re-publish.
@@ -144,8 +146,12 @@ impl MediaState {
             if !track.receivers.iter().any(|(s, _)| *s == ssrc) {
                 track.receivers.push((ssrc, init.receiver_id));
             }
-            track.publisher = key;
+            track.origin = Origin::Local(key);
             self.conns[key].forward_source(ssrc, init.receiver_id, t);
+            if new_layer {
+                self.relay_layer(t, ssrc, replaced);
+                self.announce_track(t);
+            }
             return;
         }
         let Some((codec, forward_codec)) =
@@ -217,21 +223,25 @@ impl MediaState {
             simulcast,
             muted: false,
             ext_ids,
-            publisher: key,
+            origin: Origin::Local(key),
             receivers: vec![(ssrc, init.receiver_id)],
             forwarder,
             recording: None,
             rtp_out: Vec::new(),
+            relay: Relay::default(),
         });
         self.conns[key].forward_source(ssrc, init.receiver_id, t);
+        self.relay_layer(t, ssrc, None);
         let r = self.rooms.entry(room.clone()).or_default();
         r.tracks.push(t);
+        self.tracks[t].relay.to = r.nodes.clone();
         let others: Vec<String> = r.members.iter().filter(|u| **u != user).cloned().collect();
         info!(%user, track = %track_id, kind = ?self.tracks[t].kind, "track published");
         self.emit(SfuEvent::TrackPublished {
             room_id: room,
             track: self.tracks[t].info(),
         });
+        self.announce_track(t);
         // After the announcement: recording_started follows track_published.
         self.start_recording(t);
         for other in others {
@@ -266,12 +276,16 @@ impl MediaState {
         tracks.filter(|t| to_file(t)).map(|t| t.info()).collect()
     }
 
-    /// The tracks published in `room` now: all, or `user`'s.
+    /// The tracks published in `room` on this node now: all, or `user`'s. (Each node records
+    /// and sends RTP egress of its own members' tracks.)
     fn published_in(&self, room: &str, user: Option<&str>) -> Vec<usize> {
         let Some(r) = self.rooms.get(room) else {
             return Vec::new();
         };
-        let mine = |&t: &usize| user.is_none_or(|u| u == self.tracks[t].owner);
+        let mine = |&t: &usize| {
+            let track = &self.tracks[t];
+            track.is_local() && user.is_none_or(|u| u == track.owner)
+        };
         r.tracks.iter().copied().filter(mine).collect()
     }
 
@@ -564,7 +578,7 @@ impl MediaState {
         let Some(track) = self.tracks.get(t) else {
             return;
         };
-        let (room, publisher) = (track.room.clone(), track.publisher);
+        let (room, origin) = (track.room.clone(), track.origin.clone());
         let members = self
             .rooms
             .get(&room)
@@ -576,10 +590,18 @@ impl MediaState {
         if let Some(r) = self.rooms.get_mut(&room) {
             r.tracks.retain(|&x| x != t);
         }
+        let Origin::Local(publisher) = origin else {
+            // Its node announced it gone to the whole room.
+            self.forget_remote_streams(t);
+            let track = self.tracks.remove(t);
+            info!(user = %track.owner, track = %track.track_id, "remote track gone");
+            return;
+        };
         if let Some(conn) = self.conns.get_mut(publisher) {
             conn.stop_forwarding(t);
         }
         self.stop_recording(t);
+        self.announce_track_change(t, true);
         let track = self.tracks.remove(t);
         info!(user = %track.owner, track = %track.track_id, "track unpublished");
         self.emit(SfuEvent::TrackUnpublished {
@@ -609,6 +631,7 @@ impl MediaState {
     /// send batch.
     pub(super) fn forward(&mut self, t: usize, packet: rtp::Packet, now: Instant) {
         let (tracks, conns, batch) = (&mut self.tracks, &mut self.conns, &mut self.batch);
+        let (loop_pipes, pipes) = (&mut self.loop_pipes, &self.shared.pipes);
         let Some(track) = tracks.get_mut(t) else {
             return;
         };
@@ -616,6 +639,8 @@ impl MediaState {
         let PublishedTrack {
             forwarder,
             recording,
+            relay,
+            muted,
             ..
         } = track;
         let mut keyframe_for = forwarder.forward(&packet, now, |sink, header, payload: &Bytes| {
@@ -649,6 +674,9 @@ impl MediaState {
             sub.egress
                 .send(slot, header, payload, now, srtp, route, batch);
         });
+        if !relay.to.is_empty() && !*muted {
+            self.received.relayed_out += relay_packet(relay, &packet, loop_pipes, pipes, batch);
+        }
         forwarder.keep(packet);
         // The recording lost video (a gap, or its queue overflowed): it needs a keyframe.
         if let Some(r) = recording.as_ref()
@@ -662,14 +690,17 @@ impl MediaState {
     }
 
     /// Sends a PLI for one layer of a track to its publisher.
-    fn request_keyframe(&mut self, t: usize, media_ssrc: u32, now: Instant) {
+    pub(super) fn request_keyframe(&mut self, t: usize, media_ssrc: u32, now: Instant) {
         let Some(track) = self.tracks.get(t) else {
             return;
+        };
+        let publisher = match &track.origin {
+            Origin::Local(key) => *key,
+            Origin::Remote { node } => return self.request_remote_keyframe(node, media_ssrc),
         };
         let Some(&(_, receiver)) = track.receivers.iter().find(|(s, _)| *s == media_ssrc) else {
             return;
         };
-        let publisher = track.publisher;
         let Some(conn) = self.conns.get_mut(publisher) else {
             return;
         };

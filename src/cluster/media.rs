@@ -1,0 +1,112 @@
+//! What nodes tell each other about media over the bus (docs/CLUSTER.md): which nodes have
+//! members in a room, the keys of the pipes between them, the tracks published on each, and
+//! keyframe requests travelling back to a publisher's node. The media itself crosses on the
+//! pipes (`crate::sfu::pipes`), never on the bus.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::pipe::PipeKey;
+
+/// A node as the media plane knows it: its id and this run's random incarnation (a node that
+/// restarts under the same id is a new peer: new pipe keys, its old tracks gone).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeRef {
+    pub id: String,
+    pub incarnation: u64,
+}
+
+/// A published track as other nodes need it to forward it: the publisher's codec, simulcast
+/// rids and header-extension ids, and the SSRC each layer has on the pipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoteTrack {
+    pub owner: String,
+    pub track_id: String,
+    pub video: bool,
+    pub mime_type: String,
+    pub clock_rate: u32,
+    pub channels: u16,
+    pub fmtp: String,
+    /// RTCP feedback (type, parameter) the codec is offered with.
+    pub feedback: Vec<(String, String)>,
+    pub simulcast: Vec<String>,
+    pub ext_ids: Vec<(String, u8)>,
+    /// Pipe SSRC of each layer, with its rid (`None`: not simulcast).
+    pub layers: Vec<(u32, Option<String>)>,
+    pub muted: bool,
+}
+
+/// A data channel as other nodes need it to open copies of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteChannel {
+    /// Names the channel across nodes (drawn by its node).
+    pub key: u64,
+    pub owner: String,
+    pub label: String,
+    pub ordered: bool,
+    pub max_packet_life_time: Option<u16>,
+    pub max_retransmits: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MediaEvent {
+    /// `node` has media members in `room` (sent when the first one arrives, and again when a
+    /// node asks): every node with tracks in the room sends them to `relay`.
+    RoomOpen {
+        room: String,
+        node: NodeRef,
+        relay: SocketAddr,
+    },
+    /// `node` has no media member in `room` any more: stop sending it the room's tracks.
+    RoomClosed { room: String, node: NodeRef },
+    /// The key `from` protects what it sends to `to` with, and the address it sends from.
+    PipeKey {
+        from: NodeRef,
+        to: String,
+        relay: SocketAddr,
+        key: PipeKey,
+    },
+    /// A track published on `node` (new, or with new layers): sent to the nodes in the room.
+    TrackUp {
+        room: String,
+        node: NodeRef,
+        track: RemoteTrack,
+    },
+    TrackDown {
+        room: String,
+        node: NodeRef,
+        owner: String,
+        track_id: String,
+    },
+    Muted {
+        room: String,
+        node: NodeRef,
+        owner: String,
+        track_id: String,
+        muted: bool,
+    },
+    /// A data channel a member of `node` opened (sent to the nodes in the room).
+    ChannelUp {
+        room: String,
+        node: NodeRef,
+        channel: RemoteChannel,
+    },
+    ChannelDown {
+        room: String,
+        node: NodeRef,
+        key: u64,
+    },
+    /// A message on channel `key`, byte for byte (the bus keeps a node's messages in order).
+    Data {
+        room: String,
+        node: NodeRef,
+        key: u64,
+        text: bool,
+        data: bytes::Bytes,
+    },
+    /// A subscriber on another node needs a keyframe of the layer sent as `ssrc` on the pipe.
+    Keyframe { to: String, ssrc: u32 },
+    /// `node` stopped (a graceful stop, or found dead by the registry): its tracks are gone.
+    NodeGone { node: String },
+}

@@ -1,0 +1,245 @@
+//! The pipes between nodes (docs/CLUSTER.md): what a node knows about its peers' media. A
+//! pipe is plain SRTP on the one media port, one direction per key: the sender draws the key
+//! and announces it over the bus ([`MediaEvent::PipeKey`]). Datagrams from a peer's relay
+//! address are pipe datagrams; their SSRC (assigned by the sending node, one per layer of
+//! each track it relays) names the remote track and so the event loop that holds its room.
+//!
+//! [`Pipes`] is shared by the loops and touched when pipes and remote tracks come and go, and
+//! once per received pipe datagram to find its loop; [`LoopPipes`] holds a loop's SRTP
+//! contexts (stateful, so each loop keeps its own: an SSRC is always sealed, and opened, on
+//! one loop).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rtc::srtp::context::Context;
+use tracing::{info, warn};
+
+use crate::cluster::pipe::PipeKey;
+use crate::cluster::{Bus, BusEvent, MediaEvent, NodeRef};
+
+/// One direction of a pipe.
+#[derive(Clone)]
+struct PipeEnd {
+    incarnation: u64,
+    /// The peer's relay address (outbound: where to send; inbound: where it sends from).
+    addr: SocketAddr,
+    key: PipeKey,
+}
+
+#[derive(Default)]
+struct Table {
+    outbound: HashMap<String, PipeEnd>,
+    inbound: HashMap<String, PipeEnd>,
+    by_addr: HashMap<SocketAddr, Arc<str>>,
+    /// The loop holding the remote track each pipe SSRC of a peer feeds.
+    loops: HashMap<String, HashMap<u32, usize>>,
+}
+
+pub struct Pipes {
+    /// This node as its peers know it.
+    pub me: NodeRef,
+    /// Where peers send this node's pipes (`cluster.relay_ip` and the media port).
+    pub relay: SocketAddr,
+    bus: Option<Arc<Bus>>,
+    table: Mutex<Table>,
+    next_ssrc: AtomicU32,
+}
+
+impl Pipes {
+    pub fn new(node_id: &str, relay: SocketAddr, bus: Option<Arc<Bus>>) -> Pipes {
+        let random = crate::random_u64();
+        Pipes {
+            me: NodeRef {
+                id: node_id.to_owned(),
+                incarnation: random,
+            },
+            relay,
+            bus,
+            table: Mutex::default(),
+            next_ssrc: AtomicU32::new((random >> 32) as u32 | 1),
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        // Each change is one insert or remove: a panic elsewhere leaves nothing half-done.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether other nodes may share rooms with this one (there is a bus).
+    pub fn clustered(&self) -> bool {
+        self.bus.is_some()
+    }
+
+    pub fn publish(&self, event: MediaEvent) {
+        if let Some(bus) = &self.bus {
+            bus.publish(BusEvent::Media(event));
+        }
+    }
+
+    /// A fresh SSRC for one layer of a track this node relays (unique among this node's pipe
+    /// streams, whatever loop sends it: the loops share each pipe's key).
+    pub fn relay_ssrc(&self) -> u32 {
+        // Odd numbers only: never 0, and 2^31 of them before one comes again.
+        self.next_ssrc.fetch_add(2, Ordering::Relaxed)
+    }
+
+    /// `peer` wants this node's media (it opened a room): the pipe to it, keyed anew for a new
+    /// peer or incarnation, and the key announced (again: the peer may have missed it).
+    /// Returns whether the key changed (the loops then drop their contexts for it).
+    pub fn open_outbound(&self, peer: &NodeRef, addr: SocketAddr) -> bool {
+        let mut table = self.table();
+        let current = table
+            .outbound
+            .get(&peer.id)
+            .filter(|p| p.incarnation == peer.incarnation && p.addr == addr)
+            .cloned();
+        let (end, changed) = match current {
+            Some(end) => (end, false),
+            None => {
+                let key = match PipeKey::generate() {
+                    Ok(k) => k,
+                    Err(e) => {
+                        warn!(peer = %peer.id, "no pipe: {e}");
+                        return false;
+                    }
+                };
+                let end = PipeEnd {
+                    incarnation: peer.incarnation,
+                    addr,
+                    key,
+                };
+                table.outbound.insert(peer.id.clone(), end.clone());
+                info!(peer = %peer.id, %addr, "pipe to a node opened");
+                (end, true)
+            }
+        };
+        drop(table);
+        self.publish(MediaEvent::PipeKey {
+            from: self.me.clone(),
+            to: peer.id.clone(),
+            relay: self.relay,
+            key: end.key,
+        });
+        changed
+    }
+
+    /// A peer's key for what it sends this node. Returns whether it changed.
+    pub fn accept_inbound(&self, from: &NodeRef, addr: SocketAddr, key: PipeKey) -> bool {
+        let mut table = self.table();
+        let same = table
+            .inbound
+            .get(&from.id)
+            .is_some_and(|p| p.incarnation == from.incarnation && p.addr == addr && p.key == key);
+        if same {
+            return false;
+        }
+        if let Some(old) = table.inbound.get(&from.id).map(|p| p.addr) {
+            table.by_addr.remove(&old);
+        }
+        table.by_addr.insert(addr, Arc::from(from.id.as_str()));
+        table.inbound.insert(
+            from.id.clone(),
+            PipeEnd {
+                incarnation: from.incarnation,
+                addr,
+                key,
+            },
+        );
+        info!(peer = %from.id, %addr, "pipe from a node opened");
+        true
+    }
+
+    /// The peer a pipe datagram comes from (by its address) and the loop it goes to (by its
+    /// SSRC); `None` if it is not one.
+    pub fn route(&self, from: SocketAddr, datagram: &[u8]) -> Option<(Arc<str>, usize)> {
+        let ssrc = u32::from_be_bytes(datagram.get(8..12)?.try_into().ok()?);
+        let table = self.table();
+        let peer = table.by_addr.get(&from)?;
+        let l = *table.loops.get(&**peer)?.get(&ssrc)?;
+        Some((peer.clone(), l))
+    }
+
+    /// Whether `peer` is a new incarnation of a node known under its id (it restarted): what
+    /// is known of the old one is to be forgotten first.
+    pub fn restarted(&self, peer: &NodeRef) -> bool {
+        let table = self.table();
+        [table.inbound.get(&peer.id), table.outbound.get(&peer.id)]
+            .into_iter()
+            .flatten()
+            .any(|p| p.incarnation != peer.incarnation)
+    }
+
+    pub fn place(&self, peer: &str, ssrc: u32, loop_index: usize) {
+        let mut table = self.table();
+        table
+            .loops
+            .entry(peer.to_owned())
+            .or_default()
+            .insert(ssrc, loop_index);
+    }
+
+    pub fn unplace(&self, peer: &str, ssrc: u32) {
+        let mut table = self.table();
+        if let Some(streams) = table.loops.get_mut(peer) {
+            streams.remove(&ssrc);
+            if streams.is_empty() {
+                table.loops.remove(peer);
+            }
+        }
+    }
+
+    /// A peer is gone: both directions of its pipe and its streams.
+    pub fn forget(&self, peer: &str) {
+        let mut table = self.table();
+        table.outbound.remove(peer);
+        if let Some(p) = table.inbound.remove(peer) {
+            table.by_addr.remove(&p.addr);
+        }
+        table.loops.remove(peer);
+    }
+
+    fn outbound(&self, peer: &str) -> Option<PipeEnd> {
+        self.table().outbound.get(peer).cloned()
+    }
+
+    fn inbound(&self, peer: &str) -> Option<PipeEnd> {
+        self.table().inbound.get(peer).cloned()
+    }
+}
+
+/// A loop's SRTP contexts, made from the shared keys on first use.
+#[derive(Default)]
+pub struct LoopPipes {
+    outbound: HashMap<String, (SocketAddr, Context)>,
+    inbound: HashMap<String, Context>,
+}
+
+impl LoopPipes {
+    /// The context sealing what goes to `peer`, and its address.
+    pub fn outbound(&mut self, pipes: &Pipes, peer: &str) -> Option<(SocketAddr, &mut Context)> {
+        if !self.outbound.contains_key(peer) {
+            let end = pipes.outbound(peer)?;
+            let ctx = end.key.context().ok()?;
+            self.outbound.insert(peer.to_owned(), (end.addr, ctx));
+        }
+        self.outbound.get_mut(peer).map(|(a, c)| (*a, c))
+    }
+
+    /// The context opening what `peer` sends.
+    pub fn inbound(&mut self, pipes: &Pipes, peer: &str) -> Option<&mut Context> {
+        if !self.inbound.contains_key(peer) {
+            let ctx = pipes.inbound(peer)?.key.context().ok()?;
+            self.inbound.insert(peer.to_owned(), ctx);
+        }
+        self.inbound.get_mut(peer)
+    }
+
+    /// The peer's keys changed (or it is gone): contexts are made again on next use.
+    pub fn reset(&mut self, peer: &str) {
+        self.outbound.remove(peer);
+        self.inbound.remove(peer);
+    }
+}

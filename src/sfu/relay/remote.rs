@@ -1,0 +1,575 @@
+//! One room across nodes, on the loop that holds the room here (docs/CLUSTER.md): local
+//! tracks are relayed once to each other node with members in the room, and tracks published
+//! on other nodes arrive on their pipes and fan out to the local members like local tracks.
+//! The bus carries what is announced (`crate::cluster::MediaEvent`); the pipes carry packets.
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RTCRtpCodec};
+use rtc::shared::marshal::Unmarshal;
+use tracing::{debug, info, warn};
+
+use super::{MediaState, PublishedTrack};
+use crate::cluster::{MediaEvent, NodeRef, RemoteChannel, RemoteTrack};
+use crate::sfu::api::{MediaKind, SfuEvent};
+use crate::sfu::forward::{Codec, RtpPacket, TrackForwarder, write_header};
+use crate::sfu::io::SendBatch;
+use crate::sfu::peer::ConnKey;
+use crate::sfu::pipes::{LoopPipes, Pipes};
+
+/// What the bus asks of the loop holding a room (sent by `Sfu::cluster`).
+pub enum ClusterCommand {
+    /// `node` has members in the room now: relay the room's local tracks to it.
+    RoomOpened {
+        room: String,
+        node: NodeRef,
+    },
+    RoomClosed {
+        room: String,
+        node: String,
+    },
+    TrackUp {
+        room: String,
+        node: NodeRef,
+        track: Box<RemoteTrack>,
+    },
+    TrackDown {
+        room: String,
+        node: String,
+        owner: String,
+        track_id: String,
+    },
+    Muted {
+        room: String,
+        node: String,
+        owner: String,
+        track_id: String,
+        muted: bool,
+    },
+    ChannelUp {
+        room: String,
+        node: String,
+        channel: RemoteChannel,
+    },
+    ChannelDown {
+        room: String,
+        node: String,
+        key: u64,
+    },
+    Data {
+        room: String,
+        node: String,
+        key: u64,
+        text: bool,
+        data: bytes::Bytes,
+    },
+    /// A subscriber on another node needs a keyframe of the layer relayed as `ssrc`.
+    Keyframe {
+        ssrc: u32,
+    },
+    /// A peer's pipe keys changed: this loop's contexts for it are made again.
+    PipeChanged {
+        node: String,
+    },
+    /// A peer is gone: its tracks leave the rooms (members here are told), nothing more goes
+    /// to it.
+    NodeGone {
+        node: String,
+    },
+}
+
+/// Where a track's packets come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A local member's publisher connection.
+    Local(ConnKey),
+    /// Another node's pipe.
+    Remote { node: String },
+}
+
+/// A local track's relay to the other nodes of its room.
+#[derive(Debug, Default)]
+pub struct Relay {
+    /// (source SSRC, pipe SSRC) of each layer.
+    pub ssrcs: Vec<(u32, u32)>,
+    /// The nodes it goes to.
+    pub to: Vec<String>,
+}
+
+/// The send batch's destination key of pipe datagrams (addresses are compared too).
+const PIPE_KEY: u32 = u32::MAX - 1;
+
+/// Seals one forwarded packet for each node the track goes to: the publisher's header (only
+/// the forwarded extensions, the publisher's ids) with the layer's pipe SSRC.
+pub(super) fn relay_packet(
+    relay: &Relay,
+    packet: &RtpPacket,
+    loop_pipes: &mut LoopPipes,
+    pipes: &Pipes,
+    batch: &mut SendBatch,
+) -> u64 {
+    let Some(&(_, pipe_ssrc)) = relay.ssrcs.iter().find(|(s, _)| *s == packet.header.ssrc) else {
+        return 0;
+    };
+    let mut sent = 0;
+    for node in &relay.to {
+        let Some((to, ctx)) = loop_pipes.outbound(pipes, node) else {
+            continue;
+        };
+        let mut buf = batch.buffer();
+        write_header(&packet.header, &mut buf);
+        buf[8..12].copy_from_slice(&pipe_ssrc.to_be_bytes());
+        let header_len = buf.len();
+        buf.extend_from_slice(&packet.payload);
+        if ctx.encrypt_rtp_in_place(&mut buf, header_len).is_ok() {
+            batch.push(PIPE_KEY, to, buf);
+            sent += 1;
+        }
+    }
+    sent
+}
+
+impl PublishedTrack {
+    pub fn is_local(&self) -> bool {
+        matches!(self.origin, Origin::Local(_))
+    }
+
+    /// The track as other nodes need it.
+    fn remote(&self) -> RemoteTrack {
+        let layers = self
+            .relay
+            .ssrcs
+            .iter()
+            .map(|&(source, pipe)| (pipe, self.forwarder.rid_of(source)))
+            .collect();
+        RemoteTrack {
+            owner: self.owner.clone(),
+            track_id: self.track_id.clone(),
+            video: self.kind == MediaKind::Video,
+            mime_type: self.codec.mime_type.clone(),
+            clock_rate: self.codec.clock_rate,
+            channels: self.codec.channels,
+            fmtp: self.codec.sdp_fmtp_line.clone(),
+            feedback: self
+                .codec
+                .rtcp_feedback
+                .iter()
+                .map(|f| (f.typ.clone(), f.parameter.clone()))
+                .collect(),
+            simulcast: self.simulcast.clone(),
+            ext_ids: self.ext_ids.clone(),
+            layers,
+            muted: self.muted,
+        }
+    }
+}
+
+impl MediaState {
+    pub(super) fn handle_cluster(&mut self, command: ClusterCommand, now: Instant) {
+        match command {
+            ClusterCommand::RoomOpened { room, node } => self.node_opened(&room, &node.id),
+            ClusterCommand::RoomClosed { room, node } => self.node_closed(&room, &node),
+            ClusterCommand::TrackUp { room, node, track } => {
+                self.remote_track_up(&room, &node.id, *track, now)
+            }
+            ClusterCommand::TrackDown {
+                room,
+                node,
+                owner,
+                track_id,
+            } => {
+                if let Some(t) = self.remote_track(&room, &node, &owner, &track_id) {
+                    self.unpublish(t, now);
+                }
+            }
+            ClusterCommand::Muted {
+                room,
+                node,
+                owner,
+                track_id,
+                muted,
+            } => {
+                if let Some(t) = self.remote_track(&room, &node, &owner, &track_id) {
+                    let track = &mut self.tracks[t];
+                    track.muted = muted;
+                    track.forwarder.set_muted(muted);
+                }
+            }
+            ClusterCommand::Keyframe { ssrc } => {
+                let found = self.tracks.iter().find_map(|(t, track)| {
+                    let source = track.relay.ssrcs.iter().find(|(_, p)| *p == ssrc)?.0;
+                    Some((t, source))
+                });
+                if let Some((t, source)) = found {
+                    self.request_keyframe(t, source, now);
+                }
+            }
+            ClusterCommand::ChannelUp {
+                room,
+                node,
+                channel,
+            } => self.remote_channel_up(&room, &node, channel, now),
+            ClusterCommand::ChannelDown { room, node, key } => {
+                self.remote_channel_down(&room, &node, key, now)
+            }
+            ClusterCommand::Data {
+                room,
+                node,
+                key,
+                text,
+                data,
+            } => self.remote_data(&room, &node, key, text, data, now),
+            ClusterCommand::PipeChanged { node } => self.loop_pipes.reset(&node),
+            ClusterCommand::NodeGone { node } => self.node_gone(&node, now),
+        }
+    }
+
+    /// A room got its first local member: the other nodes are asked for its tracks.
+    pub(super) fn room_opened_here(&self, room: &str) {
+        let pipes = &self.shared.pipes;
+        if pipes.clustered() {
+            pipes.publish(MediaEvent::RoomOpen {
+                room: room.to_owned(),
+                node: pipes.me.clone(),
+                relay: pipes.relay,
+            });
+        }
+    }
+
+    /// A room lost its last local member (already removed from `rooms`): its remote tracks go
+    /// (no one here to tell), and the other nodes stop sending them.
+    pub(super) fn room_closed_here(&mut self, room: &str, closed: super::Room) {
+        for t in closed.tracks {
+            self.drop_remote_track(t);
+        }
+        // Its remote channels had copies on the members who left, and nothing else.
+        for c in closed.channels {
+            self.channels.try_remove(c);
+        }
+        let pipes = &self.shared.pipes;
+        if pipes.clustered() {
+            pipes.publish(MediaEvent::RoomClosed {
+                room: room.to_owned(),
+                node: pipes.me.clone(),
+            });
+        }
+    }
+
+    fn node_opened(&mut self, room: &str, node: &str) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let newcomer = !r.nodes.iter().any(|n| n == node);
+        if newcomer {
+            r.nodes.push(node.to_owned());
+        }
+        let tracks = r.tracks.clone();
+        if newcomer {
+            // The newcomer may not know this node has members here: it opened the room
+            // before, when the newcomer had none. (Known nodes do not answer: no ping-pong.)
+            self.room_opened_here(room);
+        }
+        for t in tracks {
+            let track = &mut self.tracks[t];
+            if track.is_local() && !track.relay.to.iter().any(|n| n == node) {
+                track.relay.to.push(node.to_owned());
+            }
+            self.announce_track(t);
+        }
+        self.announce_channels(room);
+    }
+
+    fn node_closed(&mut self, room: &str, node: &str) {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return;
+        };
+        r.nodes.retain(|n| n != node);
+        for &t in &r.tracks {
+            self.tracks[t].relay.to.retain(|n| n != node);
+        }
+    }
+
+    /// Tells the nodes a local track goes to what it is now (new, or with a new layer).
+    pub(super) fn announce_track(&self, t: usize) {
+        let Some(track) = self.tracks.get(t) else {
+            return;
+        };
+        if !track.is_local() || track.relay.to.is_empty() {
+            return;
+        }
+        let pipes = &self.shared.pipes;
+        pipes.publish(MediaEvent::TrackUp {
+            room: track.room.clone(),
+            node: pipes.me.clone(),
+            track: track.remote(),
+        });
+    }
+
+    /// A local track's new source layer gets its pipe SSRC (a replaced one's goes with it).
+    pub(super) fn relay_layer(&mut self, t: usize, source: u32, replaced: Option<u32>) {
+        let pipe_ssrc = self.shared.pipes.relay_ssrc();
+        let relay = &mut self.tracks[t].relay;
+        if let Some(old) = replaced {
+            relay.ssrcs.retain(|(s, _)| *s != old);
+        }
+        if !relay.ssrcs.iter().any(|(s, _)| *s == source) {
+            relay.ssrcs.push((source, pipe_ssrc));
+        }
+    }
+
+    /// Tells the other nodes a local track is gone, or muted.
+    pub(super) fn announce_track_change(&self, t: usize, gone: bool) {
+        let Some(track) = self.tracks.get(t) else {
+            return;
+        };
+        if !track.is_local() || track.relay.to.is_empty() {
+            return;
+        }
+        let pipes = &self.shared.pipes;
+        let (room, node, owner, track_id) = (
+            track.room.clone(),
+            pipes.me.clone(),
+            track.owner.clone(),
+            track.track_id.clone(),
+        );
+        pipes.publish(if gone {
+            MediaEvent::TrackDown {
+                room,
+                node,
+                owner,
+                track_id,
+            }
+        } else {
+            MediaEvent::Muted {
+                room,
+                node,
+                owner,
+                track_id,
+                muted: track.muted,
+            }
+        });
+    }
+
+    fn remote_track(&self, room: &str, node: &str, owner: &str, track_id: &str) -> Option<usize> {
+        let r = self.rooms.get(room)?;
+        r.tracks.iter().copied().find(|&t| {
+            let track = &self.tracks[t];
+            track.origin
+                == Origin::Remote {
+                    node: node.to_owned(),
+                }
+                && track.owner == owner
+                && track.track_id == track_id
+        })
+    }
+
+    /// A track published on another node: new here (every local member gets it), or new
+    /// layers of one known.
+    fn remote_track_up(&mut self, room: &str, node: &str, remote: RemoteTrack, now: Instant) {
+        let loop_index = self.routes.loop_index();
+        if let Some(t) = self.remote_track(room, node, &remote.owner, &remote.track_id) {
+            let track = &mut self.tracks[t];
+            for (ssrc, rid) in &remote.layers {
+                if let Some(old) = track.forwarder.add_layer(*ssrc, rid.as_deref()) {
+                    self.remote_streams.remove(node, old);
+                    self.shared.pipes.unplace(node, old);
+                }
+                self.remote_streams.insert(node, *ssrc, t);
+                self.shared.pipes.place(node, *ssrc, loop_index);
+            }
+            track.muted = remote.muted;
+            track.forwarder.set_muted(remote.muted);
+            return;
+        }
+        let Some(r) = self.rooms.get(room) else {
+            return; // no member here any more
+        };
+        if r.tracks
+            .iter()
+            .any(|&t| self.tracks[t].track_id == remote.track_id)
+        {
+            warn!(%node, track = %remote.track_id, "a remote track's id is in use in the room: not forwarded");
+            return;
+        }
+        let Some(codec) = Codec::from_mime(&remote.mime_type) else {
+            return;
+        };
+        let mut forwarder = TrackForwarder::new(codec);
+        forwarder.set_rids(&remote.simulcast);
+        for (ssrc, rid) in &remote.layers {
+            forwarder.add_layer(*ssrc, rid.as_deref());
+        }
+        forwarder.set_muted(remote.muted);
+        let t = self.tracks.insert(PublishedTrack {
+            owner: remote.owner.clone(),
+            room: room.to_owned(),
+            track_id: remote.track_id.clone(),
+            kind: if remote.video {
+                MediaKind::Video
+            } else {
+                MediaKind::Audio
+            },
+            codec: RTCRtpCodec {
+                mime_type: remote.mime_type,
+                clock_rate: remote.clock_rate,
+                channels: remote.channels,
+                sdp_fmtp_line: remote.fmtp,
+                rtcp_feedback: remote
+                    .feedback
+                    .into_iter()
+                    .map(|(typ, parameter)| RTCPFeedback { typ, parameter })
+                    .collect(),
+            },
+            simulcast: remote.simulcast,
+            muted: remote.muted,
+            ext_ids: remote.ext_ids,
+            origin: Origin::Remote {
+                node: node.to_owned(),
+            },
+            receivers: Vec::new(),
+            forwarder,
+            recording: None,
+            rtp_out: Vec::new(),
+            relay: Default::default(),
+        });
+        for (ssrc, _) in &remote.layers {
+            self.remote_streams.insert(node, *ssrc, t);
+            self.shared.pipes.place(node, *ssrc, loop_index);
+        }
+        let r = self.rooms.get_mut(room).expect("checked above");
+        r.tracks.push(t);
+        let members = r.members.clone();
+        info!(%node, owner = %remote.owner, track = %remote.track_id, "remote track");
+        for user in members {
+            self.add_down(&user, t, now);
+        }
+    }
+
+    /// Forgets a remote track's streams (the caller removes the track itself).
+    pub(super) fn forget_remote_streams(&mut self, t: usize) {
+        let Some(track) = self.tracks.get(t) else {
+            return;
+        };
+        let Origin::Remote { node } = &track.origin else {
+            return;
+        };
+        for ssrc in self.remote_streams.of_track(node, t) {
+            self.remote_streams.remove(node, ssrc);
+            self.shared.pipes.unplace(node, ssrc);
+        }
+    }
+
+    /// A remote track of a room closed here (no down-tracks left to remove).
+    fn drop_remote_track(&mut self, t: usize) {
+        self.forget_remote_streams(t);
+        self.tracks.try_remove(t);
+    }
+
+    fn node_gone(&mut self, node: &str, now: Instant) {
+        self.loop_pipes.reset(node);
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            self.node_closed(&room, node);
+            let gone: Vec<usize> = self.rooms[&room]
+                .tracks
+                .iter()
+                .copied()
+                .filter(|&t| {
+                    self.tracks[t].origin
+                        == Origin::Remote {
+                            node: node.to_owned(),
+                        }
+                })
+                .collect();
+            for t in gone {
+                let info = self.tracks[t].info();
+                self.unpublish(t, now);
+                // Its node cannot say so: each node tells its own members.
+                self.emit(SfuEvent::RemoteTrackGone {
+                    room_id: room.clone(),
+                    track: info,
+                });
+            }
+            for c in self.remote_channels_of(&room, Some(node)) {
+                self.remove_channel(c, now);
+            }
+        }
+    }
+
+    /// A datagram from a peer's pipe, routed to this loop by its SSRC.
+    pub fn handle_pipe(&mut self, peer: &str, datagram: &[u8], now: Instant) {
+        let Some(ssrc) = datagram
+            .get(8..12)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            return;
+        };
+        // Known streams only: nothing else makes the context keep state.
+        let Some(t) = self.remote_streams.get(peer, ssrc) else {
+            self.received.rejected += 1;
+            return;
+        };
+        let Some(ctx) = self.loop_pipes.inbound(&self.shared.pipes, peer) else {
+            self.received.rejected += 1;
+            return;
+        };
+        let mut buf = BytesMut::from(datagram);
+        if ctx.decrypt_rtp_in_place(&mut buf).is_err() {
+            self.received.rejected += 1;
+            return;
+        }
+        let Ok(packet) = rtp::Packet::unmarshal(&mut buf.freeze()) else {
+            self.received.rejected += 1;
+            return;
+        };
+        self.received.relayed_in += 1;
+        debug_assert_eq!(packet.header.ssrc, ssrc);
+        self.forward(t, packet, now);
+    }
+
+    /// A keyframe request for a remote track's layer goes to its node.
+    pub(super) fn request_remote_keyframe(&self, node: &str, ssrc: u32) {
+        debug!(%node, ssrc, "keyframe request to another node");
+        self.shared.pipes.publish(MediaEvent::Keyframe {
+            to: node.to_owned(),
+            ssrc,
+        });
+    }
+}
+
+/// The remote tracks' pipe streams on a loop: (peer, pipe SSRC) -> track.
+#[derive(Default)]
+pub struct RemoteStreams(std::collections::HashMap<String, std::collections::HashMap<u32, usize>>);
+
+impl RemoteStreams {
+    fn get(&self, peer: &str, ssrc: u32) -> Option<usize> {
+        self.0.get(peer)?.get(&ssrc).copied()
+    }
+
+    fn insert(&mut self, peer: &str, ssrc: u32, t: usize) {
+        self.0.entry(peer.to_owned()).or_default().insert(ssrc, t);
+    }
+
+    fn remove(&mut self, peer: &str, ssrc: u32) {
+        if let Some(streams) = self.0.get_mut(peer) {
+            streams.remove(&ssrc);
+            if streams.is_empty() {
+                self.0.remove(peer);
+            }
+        }
+    }
+
+    fn of_track(&self, peer: &str, t: usize) -> Vec<u32> {
+        self.0
+            .get(peer)
+            .map(|s| {
+                s.iter()
+                    .filter(|(_, x)| **x == t)
+                    .map(|(s, _)| *s)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
