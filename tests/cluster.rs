@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use switchboard::Server;
 
 use common::peer::{MEDIA_WAIT, TestPeer, keeps_receiving, receives_exactly};
-use common::{Redis, eventually, healthz, test_config};
+use common::{Process, Redis, eventually, healthz, test_config};
 
 /// A node on `redis` whose media port is on `media_ip` (each node its own loopback address).
 async fn node(redis: &Redis, id: &str, media_ip: &str) -> Server {
@@ -213,5 +213,129 @@ async fn members_on_two_nodes_form_one_meeting_and_each_track_crosses_once() {
         p.close().await;
     }
     n1.shutdown().await;
+    n2.shutdown().await;
+}
+
+/// A node in its own process (so it can be killed, and its resources counted).
+fn node_process(redis: &Redis, id: &str, media_ip: &str) -> Process {
+    Process::spawn(
+        &[
+            "--redis",
+            &redis.url(),
+            "--node-id",
+            id,
+            "--media-ip",
+            media_ip,
+        ],
+        &[
+            ("SWITCHBOARD_REDIS__HEARTBEAT_MS", "500"),
+            ("SWITCHBOARD_REDIS__NODE_TTL_MS", "1500"),
+            ("RUST_LOG", "warn"),
+        ],
+    )
+}
+
+/// Packets of `publisher`'s tracks `peer` has received.
+fn packets_from(peer: &TestPeer, publisher: &str) -> u64 {
+    peer.tracks_from(publisher).iter().map(|r| r.packets).sum()
+}
+
+/// The survivor's file descriptors, tasks and heap bytes in use.
+async fn resources(node: &Process) -> (usize, u64, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", node.child.id()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let h = healthz(node.addr).await;
+    (
+        fds,
+        h["tasks"].as_u64().unwrap(),
+        h["memory"]["heapInUse"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_costs_the_others_only_its_members_and_rejoins_cleanly() {
+    let redis = Redis::start();
+    let n1 = node_process(&redis, "n1", "127.0.0.2");
+    let n2 = node(&redis, "n2", "127.0.0.3").await;
+    let alice = TestPeer::join(n1.addr, "alice", "R", 1, true).await;
+    let bob = TestPeer::join(n2.local_addr(), "bob", "R", 2, true).await;
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(&alice, &[("bob", 2)])
+            && receives_exactly(&bob, &[("alice", 1)]))
+        .await,
+        "alice: {}\nbob: {}",
+        alice.summary(),
+        bob.summary()
+    );
+
+    // Each life of a third node: carol joins the meeting late on it, everyone gets everything;
+    // then the node is killed.
+    let mut before = None;
+    for life in 0..4 {
+        let n3 = node_process(&redis, "n3", "127.0.0.4");
+        let carol = TestPeer::join(n3.addr, "carol", "R", 3, true).await;
+        let joined = eventually(MEDIA_WAIT, || {
+            receives_exactly(&carol, &[("alice", 1), ("bob", 2)])
+                && receives_exactly(&alice, &[("bob", 2), ("carol", 3)])
+                && receives_exactly(&bob, &[("alice", 1), ("carol", 3)])
+        })
+        .await;
+        assert!(
+            joined,
+            "life {life}\ncarol: {}\nalice: {}\nbob: {}",
+            carol.summary(),
+            alice.summary(),
+            bob.summary()
+        );
+        let unpublished_before = bob.envelopes_of("trackUnpublished").len();
+        n3.signal("-KILL");
+        // The survivors' media between themselves never stops: more arrives every 200 ms.
+        let mut last = (packets_from(&alice, "bob"), packets_from(&bob, "alice"));
+        for _ in 0..15 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = (packets_from(&alice, "bob"), packets_from(&bob, "alice"));
+            assert!(
+                now.0 > last.0 && now.1 > last.1,
+                "life {life}: media between survivors paused ({last:?} -> {now:?})"
+            );
+            last = now;
+        }
+        // Carol's tracks are unpublished on both survivors within the dead-node timeout.
+        let gone = eventually(Duration::from_secs(8), || {
+            alice.tracks_from("carol").is_empty()
+                && bob.tracks_from("carol").is_empty()
+                && bob.envelopes_of("trackUnpublished").len() == unpublished_before + 2
+        })
+        .await;
+        assert!(
+            gone,
+            "life {life}\nalice: {}\nbob: {}\n{:?}",
+            alice.summary(),
+            bob.summary(),
+            bob.envelopes_of("trackUnpublished")
+        );
+        drop(carol);
+        // Nothing of a dead node stays on a survivor: measured after the first life, again
+        // after three more.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = resources(&n1).await;
+        match before {
+            None => before = Some(now),
+            Some((fds, tasks, heap)) if life == 3 => {
+                println!(
+                    "survivor after 3 node deaths: fds {fds} -> {}, tasks {tasks} -> {}, heap {heap} -> {} bytes",
+                    now.0, now.1, now.2
+                );
+                assert!(now.0 <= fds, "file descriptors {fds} -> {}", now.0);
+                assert!(now.1 <= tasks, "tasks {tasks} -> {}", now.1);
+                assert!(now.2 < heap + 512 * 1024, "heap {heap} -> {}", now.2);
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(keeps_receiving(&alice, "bob").await);
+    alice.close().await;
+    bob.close().await;
     n2.shutdown().await;
 }

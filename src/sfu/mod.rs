@@ -185,6 +185,10 @@ impl Sfu {
             },
         )?;
         info!(%bound, advertised = %media_addr, loops, gso, "media port open");
+        // A node restarting under its id: the others forget what its last run published.
+        shared.pipes.publish(MediaEvent::NodeGone {
+            node: shared.pipes.me.id.clone(),
+        });
         Ok(Arc::new(Sfu {
             loops: mailboxes,
             threads: Mutex::new(threads),
