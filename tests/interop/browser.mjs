@@ -5,61 +5,31 @@
 // Run it inside a network namespace with only loopback (tests/browser.rs does:
 //   unshare -n sh -c 'ip link set lo up && exec node browser.mjs SERVER_BINARY').
 // Prints one line per check and "N passed, N failed"; exits non-zero on failure.
-import { chromium } from 'playwright-core';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import {
+  LOUD, WAIT_MS, chat, checker, decoded, gotChat, heard, launchChromium, pollPages, shows, sleep, startServer,
+  tilesSeen, waitVideo,
+} from './meeting.mjs';
 
 const server = process.argv[2];
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const USERS = ['ada', 'bea', 'cyd'];
-const WAIT_MS = 30_000;
-let passed = 0;
-let failed = 0;
-const check = (name, ok, detail) => {
-  ok ? passed++ : failed++;
-  console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${detail === undefined ? '' : ' ' + JSON.stringify(detail)}`);
-};
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const counts = checker();
+const { check } = counts;
 
 // The server, on loopback only, printing "listening on http://ADDR" first.
 // Room "rec" is recorded, one WebM per participant.
 const recordDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sb-recordings-'));
-const srv = spawn(server, ['--listen', '127.0.0.1:0', '--media-ip', '127.0.0.1', '--record-dir', recordDir], {
-  stdio: ['ignore', 'pipe', 'pipe'],
-  env: {
-    ...process.env,
-    RUST_LOG: process.env.SERVER_LOG || 'warn',
-    SWITCHBOARD_RECORDING__ROOMS: '["rec"]',
-    SWITCHBOARD_RECORDING__MODE: 'participants',
-  },
-});
-srv.stderr.on('data', (d) => process.env.SERVER_LOG && process.stderr.write('[server] ' + d));
-const base = await new Promise((resolve, reject) => {
-  let out = '';
-  srv.stdout.on('data', (d) => {
-    out += d;
-    const m = out.match(/listening on (http:\/\/\S+)/);
-    if (m) resolve(m[1]);
-  });
-  srv.on('exit', (code) => reject(new Error('server exited ' + code)));
+const { srv, base } = await startServer(server, ['--media-ip', '127.0.0.1', '--record-dir', recordDir], {
+  SWITCHBOARD_RECORDING__ROOMS: '["rec"]',
+  SWITCHBOARD_RECORDING__MODE: 'participants',
 });
 
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sb-chromium-'));
-let context;
+let browser;
 try {
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-      '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
-      '--allow-loopback-in-peer-connection', '--disable-features=WebRtcHideLocalIpsWithMdns',
-      '--autoplay-policy=no-user-gesture-required',
-    ],
-  });
+  browser = await launchChromium();
+  const { context } = browser;
   const pages = [];
   for (const user of USERS) {
     const page = await context.newPage();
@@ -70,97 +40,33 @@ try {
   }
 
   // Video: framesDecoded > 0 on one inbound video stream per other member.
-  const decoded = (page) =>
-    page.evaluate(async () => {
-      if (!window.sb.sub) return {};
-      const byTrack = {};
-      (await window.sb.sub.getStats()).forEach((s) => {
-        if (s.type === 'inbound-rtp' && s.kind === 'video') byTrack[s.trackIdentifier] = s.framesDecoded || 0;
-      });
-      // Map track ids to the publisher (stream id) that sent them.
-      const owners = {};
-      for (const [user, t] of window.sb.tiles) for (const tr of t.stream.getVideoTracks()) owners[tr.id] = user;
-      const out = {};
-      for (const [track, frames] of Object.entries(byTrack)) if (owners[track]) out[owners[track]] = frames;
-      return out;
-    });
-  const deadline = Date.now() + WAIT_MS;
-  let frames = [];
-  while (Date.now() < deadline) {
-    frames = await Promise.all(pages.map(decoded));
-    const done = frames.every((f, i) => USERS.filter((u) => u !== USERS[i]).every((u) => (f[u] || 0) > 0));
-    if (done) break;
-    await sleep(250);
-  }
+  const others = (u) => USERS.filter((x) => x !== u);
+  const frames = await pollPages(pages, decoded, (f) => f.every((f, i) => others(USERS[i]).every((u) => (f[u] || 0) > 0)));
   USERS.forEach((u, i) => {
-    const others = USERS.filter((x) => x !== u);
-    check(`${u} decodes video from ${others.join(' and ')}`, others.every((o) => (frames[i][o] || 0) > 0), frames[i]);
+    check(`${u} decodes video from ${others(u).join(' and ')}`, others(u).every((o) => (frames[i][o] || 0) > 0), frames[i]);
   });
 
   // ...and shows it: each other member's tile plays, and its picture is the publisher's (Chromium's
   // fake camera paints a green frame; a tile that never starts, or shows garbage, fails here).
-  const tilesSeen = () => [...window.sb.tiles].filter(([u]) => u !== window.sb.me).map(([u, t]) => {
-    const c = document.createElement('canvas'); c.width = 64; c.height = 48;
-    const g = c.getContext('2d'); g.drawImage(t.video, 0, 0, 64, 48);
-    const d = g.getImageData(0, 0, 64, 48).data; const rgb = [0, 0, 0];
-    for (let k = 0; k < d.length; k += 4) for (let j = 0; j < 3; j++) rgb[j] += d[k + j] / (d.length / 4);
-    const green = rgb[1] > 100 && rgb[0] < 60 && rgb[2] < 60;
-    return { u, playing: t.video.videoWidth > 0 && !t.video.paused && t.video.currentTime > 0, green, rgb: rgb.map(Math.round) };
-  });
   for (let i = 0; i < pages.length; i++) {
-    const others = USERS.filter((u) => u !== USERS[i]);
-    const shown = await pages[i]
-      .waitForFunction(([others, seen]) => {
-        const tiles = (0, eval)(seen)();
-        return others.every((o) => tiles.some((t) => t.u === o && t.playing && t.green));
-      }, [others, `(${tilesSeen})`], { timeout: WAIT_MS })
-      .then(() => true, () => false);
-    check(`${USERS[i]} shows the video of ${others.join(' and ')}`, shown, await pages[i].evaluate(tilesSeen));
+    const shown = await shows(pages[i], others(USERS[i]));
+    check(`${USERS[i]} shows the video of ${others(USERS[i]).join(' and ')}`, shown, await pages[i].evaluate(tilesSeen));
   }
 
   // Audio: each other member's microphone is heard (Chromium's fake microphone beeps, so the
   // decoded audio has energy; silence or concealment alone would not).
-  const heard = (page) =>
-    page.evaluate(async () => {
-      const owners = {};
-      for (const [user, t] of window.sb.tiles) for (const tr of t.stream.getAudioTracks()) owners[tr.id] = user;
-      const out = {};
-      (await window.sb.sub.getStats()).forEach((s) => {
-        if (s.type === 'inbound-rtp' && s.kind === 'audio' && owners[s.trackIdentifier]) out[owners[s.trackIdentifier]] = s.totalAudioEnergy || 0;
-      });
-      return out;
-    });
-  const LOUD = 0.01; // totalAudioEnergy after a beep or two; a silent stream stays near 0
-  let energy = [];
-  for (const until = Date.now() + WAIT_MS; Date.now() < until; await sleep(250)) {
-    energy = await Promise.all(pages.map(heard));
-    if (energy.every((e, i) => USERS.filter((u) => u !== USERS[i]).every((u) => (e[u] || 0) > LOUD))) break;
-  }
+  const energy = await pollPages(pages, heard, (e) => e.every((e, i) => others(USERS[i]).every((u) => (e[u] || 0) > LOUD)));
   USERS.forEach((u, i) => {
-    const others = USERS.filter((x) => x !== u);
-    check(`${u} hears ${others.join(' and ')}`, others.every((o) => (energy[i][o] || 0) > LOUD), energy[i]);
+    check(`${u} hears ${others(u).join(' and ')}`, others(u).every((o) => (energy[i][o] || 0) > LOUD), energy[i]);
   });
 
   if (process.env.SCREENSHOT) await pages[0].screenshot({ path: process.env.SCREENSHOT });
 
   // Chat over the data channels.
+  for (let i = 0; i < pages.length; i++) await chat(pages[i], `hi from ${USERS[i]} ✓`);
   for (let i = 0; i < pages.length; i++) {
-    await pages[i].waitForFunction(() => window.sb.chat && window.sb.chat.readyState === 'open', null, { timeout: WAIT_MS });
-    await pages[i].evaluate((text) => {
-      document.getElementById('text').value = text;
-      document.getElementById('chat').requestSubmit();
-    }, `hi from ${USERS[i]} ✓`);
-  }
-  for (let i = 0; i < pages.length; i++) {
-    const others = USERS.filter((u) => u !== USERS[i]);
-    const got = await pages[i]
-      .waitForFunction(
-        (others) => others.every((o) => window.sb.chatLog.some((l) => l.from === o && l.text === `hi from ${o} ✓`)),
-        others,
-        { timeout: WAIT_MS },
-      )
-      .then(() => true, () => false);
-    check(`${USERS[i]} gets the chat of ${others.join(' and ')}`, got, await pages[i].evaluate(() => window.sb.chatLog));
+    const got = await gotChat(pages[i], others(USERS[i]), (o) => `hi from ${o} ✓`);
+    check(`${USERS[i]} gets the chat of ${others(USERS[i]).join(' and ')}`, got, await pages[i].evaluate(() => window.sb.chatLog));
   }
 
   // Partially reliable channels keep their settings through the server, as Chromium reads them
@@ -185,42 +91,17 @@ try {
   const dee = await context.newPage();
   await dee.goto(`${base}/?room=e2e&name=dee&simulcast=1`);
   const ada = pages[0];
-  const deeVideo = () =>
-    ada.evaluate(async () => {
-      const t = window.sb.tiles.get('dee');
-      const track = t && t.stream.getVideoTracks()[0];
-      if (!track || !window.sb.sub) return null;
-      let width = 0;
-      let frames = 0;
-      (await window.sb.sub.getStats()).forEach((s) => {
-        if (s.type === 'inbound-rtp' && s.trackIdentifier === track.id) {
-          width = s.frameWidth || 0;
-          frames = s.framesDecoded || 0;
-        }
-      });
-      return { id: track.id, width, frames };
-    });
-  const waitVideo = async (ok) => {
-    const end = Date.now() + WAIT_MS;
-    let v = null;
-    while (Date.now() < end) {
-      v = await deeVideo();
-      if (v && ok(v)) return { ok: true, v };
-      await sleep(250);
-    }
-    return { ok: false, v };
-  };
-  const first = await waitVideo((v) => v.frames > 0 && v.width > 0);
+  const first = await waitVideo(ada, 'dee', (v) => v.frames > 0 && v.width > 0);
   check('ada decodes dee\'s simulcast video', first.ok, first.v);
   if (first.ok) {
     const setQuality = (quality) => ada.evaluate(([trackId, quality]) => window.sb.io.emit('setQuality', { trackId, quality }), [first.v.id, quality]);
     await setQuality('low');
-    const low = await waitVideo((v) => v.width > 0 && v.width <= 160);
+    const low = await waitVideo(ada, 'dee', (v) => v.width > 0 && v.width <= 160);
     check('setQuality low switches dee to the low layer', low.ok, low.v);
     await setQuality('high');
     // High: the best layer dee is sending (under load Chrome may pause its full layer, then
     // the server forwards the next one down).
-    const high = await waitVideo((v) => v.width > 160);
+    const high = await waitVideo(ada, 'dee', (v) => v.width > 160);
     // What dee sends per layer, and its bandwidth estimate: says whether a failure is Chrome
     // pausing layers or the server not switching.
     const deeLayers = await dee.evaluate(async () => {
@@ -244,12 +125,7 @@ try {
     navigator.mediaDevices.getUserMedia = () => Promise.reject(new DOMException('denied', 'NotAllowedError'));
   });
   await eve.goto(`${base}/?room=e2e&name=eve`);
-  const eveSees = await eve
-    .waitForFunction(([others, seen]) => {
-      const tiles = (0, eval)(seen)();
-      return others.every((o) => tiles.some((t) => t.u === o && t.playing && t.green));
-    }, [[...USERS, 'dee'], `(${tilesSeen})`], { timeout: WAIT_MS })
-    .then(() => true, () => false);
+  const eveSees = await shows(eve, [...USERS, 'dee']);
   check('a viewer without camera or microphone sees everyone', eveSees, await eve.evaluate(tilesSeen));
 
   // SRTP: Chromium lists AES_CM_128_HMAC_SHA1_80 first, but the server's preference decides
@@ -319,10 +195,9 @@ try {
 } catch (e) {
   check('no exception', false, String(e && e.stack || e));
 } finally {
-  if (context) await context.close().catch(() => {});
-    fs.rmSync(userDataDir, { recursive: true, force: true });
+  if (browser) await browser.close();
   fs.rmSync(recordDir, { recursive: true, force: true });
   srv.kill('SIGTERM');
 }
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+console.log(`${counts.passed} passed, ${counts.failed} failed`);
+process.exit(counts.failed ? 1 : 0);
