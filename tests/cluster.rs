@@ -149,6 +149,17 @@ async fn members_on_two_nodes_form_one_meeting_and_each_track_crosses_once() {
         );
     }
 
+    // A keyframe request of a subscriber on the other node reaches the publisher (once the
+    // throttle window of the requests the nodes made by themselves is over).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let plis = || alice.observed.plis_at_publisher.load(Ordering::SeqCst);
+    let before = plis();
+    assert!(carol.send_pli_for("alice").await);
+    assert!(
+        eventually(MEDIA_WAIT, || plis() > before).await,
+        "carol's PLI reached alice on the other node"
+    );
+
     // `tracks` lists the whole room on either node.
     carol.emit("tracks", json!({}));
     let listed = eventually(MEDIA_WAIT, || {

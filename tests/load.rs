@@ -52,3 +52,48 @@ fn the_load_tool_measures_a_lossless_run_and_its_floor() {
     assert!(sent > 0.0 && delivered > 0.0, "{r}");
     assert!(delivered <= sent * 3.0, "{r}");
 }
+
+/// `--relay-redis`: publishers on one node, subscribers on another; the publishers' node sends
+/// each packet once, whatever the number of subscribers on the other node.
+#[test]
+fn the_load_tool_measures_relaying_between_two_nodes() {
+    common::logs();
+    let redis = common::Redis::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args([
+            "load",
+            "--publishers",
+            "1",
+            "--subscribers",
+            "3",
+            "--pps",
+            "200",
+            "--seconds",
+            "2",
+            "--warmup",
+            "1",
+            "--relay-redis",
+            &redis.url(),
+            "--json",
+        ])
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let r: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
+    let relay = |k: &str| {
+        r["relay"][k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} in {r}"))
+    };
+    assert!(
+        r["deliveredPerSecond"].as_f64().unwrap() > 550.0,
+        "{r}\n{stderr}"
+    );
+    // 200 packets/s cross once, not once per subscriber (600/s).
+    let relayed = relay("relayedPerSecond");
+    assert!((150.0..=250.0).contains(&relayed), "{r}");
+    assert!(relay("publisherNodeUsPerRelayedPacket") > 0.0, "{r}");
+    assert!(relay("subscriberNodeUsPerForwardedPacket") > 0.0, "{r}");
+}

@@ -94,6 +94,11 @@ pub struct LoadArgs {
     /// The report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Relaying between nodes: start two servers on this Redis (media on 127.0.0.2 and
+    /// 127.0.0.3), publishers on the first, subscribers on the second, and report each node's
+    /// CPU per packet it relays or forwards.
+    #[arg(long, conflicts_with = "url")]
+    pub relay_redis: Option<String>,
 }
 
 /// The traffic of a run.
@@ -177,6 +182,20 @@ pub struct Report {
     pub floor: Option<FloorReport>,
     /// Server CPU per forwarded packet over the floor's CPU per datagram.
     pub ratio_to_floor: Option<f64>,
+    /// With `--relay-redis`: the two nodes' costs.
+    pub relay: Option<RelayReport>,
+}
+
+/// Relaying between two nodes: the publishers' node sends each packet once to the
+/// subscribers' node, which forwards it to its members.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayReport {
+    pub relayed_per_second: f64,
+    /// The publishers' node: CPU per packet it received and relayed.
+    pub publisher_node_us_per_relayed_packet: f64,
+    /// The subscribers' node: CPU per packet it forwarded to a member.
+    pub subscriber_node_us_per_forwarded_packet: f64,
 }
 
 /// The server under test: started here, or a running one.
@@ -195,7 +214,22 @@ impl Drop for Server {
     }
 }
 
-fn start_server(args: &LoadArgs) -> anyhow::Result<Server> {
+/// The servers under test: one, or with `--relay-redis` the publishers' node and the
+/// subscribers' node.
+fn start_servers(args: &LoadArgs) -> anyhow::Result<Vec<Server>> {
+    let Some(redis) = &args.relay_redis else {
+        return Ok(vec![start_server(args, &[])?]);
+    };
+    [("load-n1", "127.0.0.2"), ("load-n2", "127.0.0.3")]
+        .into_iter()
+        .map(|(node, ip)| {
+            let cluster = ["--redis", redis, "--node-id", node, "--media-ip", ip];
+            start_server(args, &cluster)
+        })
+        .collect()
+}
+
+fn start_server(args: &LoadArgs, extra: &[&str]) -> anyhow::Result<Server> {
     if let Some(url) = &args.url {
         let addr: SocketAddr = url
             .trim_start_matches("http://")
@@ -212,6 +246,7 @@ fn start_server(args: &LoadArgs) -> anyhow::Result<Server> {
     let mut child = Command::new(exe)
         .args(["--listen", "127.0.0.1:0", "--udp-port", "0"])
         .args(&args.server_args)
+        .args(extra)
         .env(
             "RUST_LOG",
             std::env::var("SERVER_LOG").unwrap_or_else(|_| "warn".into()),
@@ -234,8 +269,8 @@ fn start_server(args: &LoadArgs) -> anyhow::Result<Server> {
     })
 }
 
-/// The server's pid from its /healthz (a local server only: its /proc entry must exist).
-async fn healthz_pid(addr: SocketAddr) -> Option<u32> {
+/// A server's /healthz document.
+async fn healthz(addr: SocketAddr) -> Option<serde_json::Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     s.write_all(
@@ -245,9 +280,21 @@ async fn healthz_pid(addr: SocketAddr) -> Option<u32> {
     .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).await.ok()?;
-    let json: serde_json::Value = serde_json::from_str(body.split_once("\r\n\r\n")?.1).ok()?;
-    let pid = json["pid"].as_u64()? as u32;
+    serde_json::from_str(body.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// The server's pid from its /healthz (a local server only: its /proc entry must exist).
+async fn healthz_pid(addr: SocketAddr) -> Option<u32> {
+    let pid = healthz(addr).await?["pid"].as_u64()? as u32;
     cpu::process_cpu(pid).map(|_| pid)
+}
+
+/// Packets a node has sent on pipes to other nodes.
+async fn relayed_out(addr: SocketAddr) -> u64 {
+    healthz(addr)
+        .await
+        .and_then(|h| h["media"]["relayedOut"].as_u64())
+        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -325,12 +372,24 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         None
     };
 
-    let server = start_server(&args)?;
-    let pid = match server.pid {
-        Some(pid) => Some(pid),
-        None => healthz_pid(server.addr).await,
+    let servers = start_servers(&args)?;
+    let mut pids = Vec::new();
+    for server in &servers {
+        pids.push(match server.pid {
+            Some(pid) => Some(pid),
+            None => healthz_pid(server.addr).await,
+        });
+    }
+    // Publishers join the first server, subscribers the last (the same one but with
+    // --relay-redis).
+    let (first, last) = (&servers[0], &servers[servers.len() - 1]);
+    let rss_of = |pids: &[Option<u32>]| {
+        pids.iter()
+            .flatten()
+            .filter_map(|p| cpu::rss_kb(*p))
+            .sum::<u64>()
     };
-    let rss_before = pid.and_then(cpu::rss_kb).unwrap_or(0);
+    let rss_before = rss_of(&pids);
     let factory = match args.srtp {
         Srtp::Any => ClientFactory::new([127, 0, 0, 1].into()),
         Srtp::AesCm => ClientFactory::new([127, 0, 0, 1].into())
@@ -360,11 +419,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
             joins.push((format!("r{r}s{s}"), room.clone(), None));
         }
     }
-    let joined =
-        futures_util::future::join_all(joins.iter().map(|(user, room, sending)| {
-            Member::join(server.addr, &factory, user, room, *sending)
-        }))
-        .await;
+    let joined = futures_util::future::join_all(joins.iter().map(|(user, room, sending)| {
+        let server = if sending.is_some() { first } else { last };
+        Member::join(server.addr, &factory, user, room, *sending)
+    }))
+    .await;
     let members: Vec<Member> = joined.into_iter().collect::<anyhow::Result<_>>()?;
     let expect_from = |m: &Member| args.publishers - usize::from(m.publishes);
     let all_flowing = async {
@@ -403,7 +462,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
     );
     tokio::time::sleep(Duration::from_secs(args.warmup)).await;
 
-    let server_cpu = || pid.and_then(cpu::process_cpu).unwrap_or_default();
+    let cpu_of = |pid: Option<u32>| pid.and_then(cpu::process_cpu).unwrap_or_default();
+    let server_cpu = || pids.iter().map(|p| cpu_of(*p)).sum::<Duration>();
+    let (relay_cpu0, relayed0) = (cpu_of(pids[0]), relayed_out(first.addr).await);
     let own_cpu = || cpu::process_cpu(std::process::id()).unwrap_or_default();
     let data =
         |f: fn(&member::MemberStats) -> u64| members.iter().map(|m| f(&m.stats)).sum::<u64>();
@@ -430,6 +491,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         last = (now, cpu, snap);
     }
     let (end, cpu1, own1, snap1) = (Instant::now(), server_cpu(), own_cpu(), snapshot(&members));
+    let (relay_cpu1, relayed1) = (cpu_of(pids[0]), relayed_out(first.addr).await);
     let (data_sent1, data_got1) = (
         data(|s| s.data_sent.load(Ordering::Relaxed)),
         data(|s| s.data_received.load(Ordering::Relaxed)),
@@ -437,7 +499,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
     let secs = end.duration_since(start).as_secs_f64();
     let (got, expected) = delivered(&snap0, &snap1);
     let server_cpu_s = cpu1.saturating_sub(cpu0).as_secs_f64();
-    let rss = pid.and_then(cpu::rss_kb).unwrap_or(0);
+    let rss = rss_of(&pids);
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
     let mut setups: Vec<f64> = members
         .iter()
@@ -493,11 +555,22 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         client_cpu_cores: own1.saturating_sub(own0).as_secs_f64() / secs,
         floor,
         ratio_to_floor: floor.map(|f| server_us / f.us_per_datagram),
+        relay: args.relay_redis.is_some().then(|| {
+            let publisher_node_s = relay_cpu1.saturating_sub(relay_cpu0).as_secs_f64();
+            let relayed = relayed1.saturating_sub(relayed0);
+            RelayReport {
+                relayed_per_second: relayed as f64 / secs,
+                publisher_node_us_per_relayed_packet: publisher_node_s * 1e6
+                    / relayed.max(1) as f64,
+                subscriber_node_us_per_forwarded_packet: (server_cpu_s - publisher_node_s) * 1e6
+                    / got.max(1) as f64,
+            }
+        }),
     };
     for m in members {
         m.close().await;
     }
-    drop(server);
+    drop(servers);
     Ok(report)
 }
 
@@ -527,6 +600,20 @@ pub fn print_table(r: &Report) {
             format!("{:.2} us", f.us_per_datagram),
         );
         row("ratio to the floor", format!("{ratio:.2}"));
+    }
+    if let Some(relay) = r.relay {
+        row(
+            "relayed between nodes",
+            format!("{:.0} packets/s", relay.relayed_per_second),
+        );
+        row(
+            "publishers' node per relayed packet",
+            format!("{:.2} us", relay.publisher_node_us_per_relayed_packet),
+        );
+        row(
+            "subscribers' node per forwarded packet",
+            format!("{:.2} us", relay.subscriber_node_us_per_forwarded_packet),
+        );
     }
     row(
         "server RSS",
