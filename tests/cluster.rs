@@ -350,3 +350,61 @@ async fn a_killed_node_costs_the_others_only_its_members_and_rejoins_cleanly() {
     bob.close().await;
     n2.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_node_missed_while_its_bus_was_down_is_caught_up() {
+    let mut redis = Redis::start();
+    let n1 = node(&redis, "n1", "127.0.0.2").await;
+    let n2 = node(&redis, "n2", "127.0.0.3").await;
+    let alice = TestPeer::join(n1.local_addr(), "alice", "R", 1, true).await;
+    let carol = TestPeer::join(n2.local_addr(), "carol", "R", 3, false).await;
+    assert!(
+        eventually(MEDIA_WAIT, || receives_exactly(&carol, &[("alice", 1)])).await,
+        "{}",
+        carol.summary()
+    );
+
+    // While Redis is down, alice leaves and erin publishes on n1: n2 hears of neither then
+    // (n1 holds its announcements; whether n2 gets them depends on who reconnects first).
+    redis.stop();
+    alice.close().await;
+    let erin = TestPeer::join(n1.local_addr(), "erin", "R", 5, true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart();
+
+    // Once the bus is back, n2 asks again: alice's tracks are gone there, erin's arrive.
+    let caught_up = eventually(Duration::from_secs(30), || {
+        carol.tracks_from("alice").is_empty() && receives_exactly(&carol, &[("erin", 5)])
+    })
+    .await;
+    assert!(caught_up, "{}", carol.summary());
+
+    // Announcements lost for good: Redis drops the subscriptions (as it does with a
+    // subscriber that falls behind), and erin leaves at once, while they reconnect: her
+    // tracks' end is published to nobody. n2 asks again once subscribed.
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut redis.conn())
+        .unwrap();
+    erin.close().await;
+    let frank = TestPeer::join(n1.local_addr(), "frank", "R", 6, true).await;
+    let caught_up = eventually(Duration::from_secs(30), || {
+        carol.tracks_from("erin").is_empty() && receives_exactly(&carol, &[("frank", 6)])
+    })
+    .await;
+    assert!(caught_up, "{}", carol.summary());
+    let mut unpublished = track_ids(&carol.envelopes_of("trackUnpublished"));
+    unpublished.dedup();
+    assert!(
+        ["erin-audio", "erin-video"]
+            .iter()
+            .all(|t| unpublished.contains(&t.to_string())),
+        "carol is told erin's tracks are gone: {unpublished:?}"
+    );
+    frank.close().await;
+    carol.close().await;
+    n1.shutdown().await;
+    n2.shutdown().await;
+}

@@ -43,6 +43,9 @@ pub enum BusEvent {
     },
     /// Media across nodes: rooms, pipes, tracks (`crate::sfu::pipes`).
     Media(super::MediaEvent),
+    /// Never on the wire: this node's subscription came back after a loss, and what other
+    /// nodes published meanwhile did not reach it.
+    Resubscribed,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -201,11 +204,16 @@ async fn subscribe_loop(
         };
         match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(pubsub)) => {
+                let first = subscribed.is_some();
                 if std::mem::take(&mut down) {
                     info!("bus: subscribed again");
                 }
                 if let Some(tx) = subscribed.take() {
                     let _ = tx.send(());
+                }
+                // What others published meanwhile is lost for this node: it asks again.
+                if !first && incoming.send(BusEvent::Resubscribed).await.is_err() {
+                    return;
                 }
                 let mut messages = pubsub.into_on_message();
                 loop {

@@ -58,6 +58,16 @@ pub enum MediaEvent {
         node: NodeRef,
         relay: SocketAddr,
     },
+    /// What `node` publishes in `room` now (its answer to `RoomOpen`): every node holding the
+    /// room adds what it lacks and drops what is not listed, and a node new to it answers
+    /// with its own state.
+    RoomState {
+        room: String,
+        node: NodeRef,
+        relay: SocketAddr,
+        tracks: Vec<RemoteTrack>,
+        channels: Vec<RemoteChannel>,
+    },
     /// `node` has no media member in `room` any more: stop sending it the room's tracks.
     RoomClosed { room: String, node: NodeRef },
     /// The key `from` protects what it sends to `to` with, and the address it sends from.

@@ -518,12 +518,48 @@ impl Sfu {
                 if pipes.restarted(&node) {
                     self.forget_node(&node.id);
                 }
-                if pipes.open_outbound(&node, relay) {
+                if pipes.open_outbound(&node, relay, true) {
                     to_all(&|| ClusterCommand::PipeChanged {
                         node: node.id.clone(),
                     });
                 }
                 to_room(&room.clone(), ClusterCommand::RoomOpened { room, node });
+            }
+            MediaEvent::RoomState {
+                room,
+                node,
+                relay,
+                tracks,
+                channels,
+            } => {
+                if node.id == pipes.me.id {
+                    return;
+                }
+                if pipes.restarted(&node) {
+                    self.forget_node(&node.id);
+                }
+                if pipes.open_outbound(&node, relay, false) {
+                    to_all(&|| ClusterCommand::PipeChanged {
+                        node: node.id.clone(),
+                    });
+                }
+                // Its packets cannot be opened without its key: ask for it (a RoomOpen makes
+                // the node announce it again).
+                if !tracks.is_empty() && !pipes.has_inbound(&node.id) {
+                    pipes.publish(MediaEvent::RoomOpen {
+                        room: room.clone(),
+                        node: pipes.me.clone(),
+                        relay: pipes.relay,
+                    });
+                }
+                to_room(
+                    &room.clone(),
+                    ClusterCommand::RoomState {
+                        room,
+                        node: node.id,
+                        state: Box::new((tracks, channels)),
+                    },
+                );
             }
             MediaEvent::RoomClosed { room, node } => {
                 to_room(
@@ -634,6 +670,14 @@ impl Sfu {
                 }
             }
             MediaEvent::NodeGone { node } => self.forget_node(&node),
+        }
+    }
+
+    /// This node's bus subscription came back after a loss: every room asks the other nodes
+    /// for their state again (their answers add what was missed and drop what ended).
+    pub fn resync(&self) {
+        for mailbox in &self.loops {
+            mailbox.send(Input::Command(Command::Cluster(ClusterCommand::Resync)));
         }
     }
 

@@ -86,10 +86,11 @@ impl Pipes {
         self.next_ssrc.fetch_add(2, Ordering::Relaxed)
     }
 
-    /// `peer` wants this node's media (it opened a room): the pipe to it, keyed anew for a new
-    /// peer or incarnation, and the key announced (again: the peer may have missed it).
-    /// Returns whether the key changed (the loops then drop their contexts for it).
-    pub fn open_outbound(&self, peer: &NodeRef, addr: SocketAddr) -> bool {
+    /// `peer` wants this node's media: the pipe to it, keyed anew for a new peer or
+    /// incarnation. The key is announced when new, and with `announce` again (the peer asked:
+    /// it may have missed it). Returns whether the key changed (the loops then drop their
+    /// contexts for it).
+    pub fn open_outbound(&self, peer: &NodeRef, addr: SocketAddr, announce: bool) -> bool {
         let mut table = self.table();
         let current = table
             .outbound
@@ -117,6 +118,9 @@ impl Pipes {
             }
         };
         drop(table);
+        if !changed && !announce {
+            return false;
+        }
         self.publish(MediaEvent::PipeKey {
             from: self.me.clone(),
             to: peer.id.clone(),
@@ -150,6 +154,10 @@ impl Pipes {
         );
         info!(peer = %from.id, %addr, "pipe from a node opened");
         true
+    }
+
+    pub fn has_inbound(&self, peer: &str) -> bool {
+        self.table().inbound.contains_key(peer)
     }
 
     /// The peer a pipe datagram comes from (by its address) and the loop it goes to (by its

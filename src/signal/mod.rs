@@ -282,7 +282,8 @@ async fn apply_remote(
                         connection::close_replaced(outbox.io(), old.handle, room_id);
                     }
                 }
-                BusEvent::Media(event) => app.sfu.cluster(event),
+                                BusEvent::Media(event) => app.sfu.cluster(event),
+                BusEvent::Resubscribed => app.sfu.resync(),
             },
                         Some(dead) = reaped.recv() => {
                 // Its tracks leave every node's rooms (each tells its own members).

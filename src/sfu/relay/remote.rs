@@ -30,6 +30,14 @@ pub enum ClusterCommand {
         room: String,
         node: String,
     },
+    /// What `node` publishes in the room now.
+    RoomState {
+        room: String,
+        node: String,
+        state: Box<(Vec<RemoteTrack>, Vec<RemoteChannel>)>,
+    },
+    /// This node may have missed announcements: every room asks the other nodes again.
+    Resync,
     TrackUp {
         room: String,
         node: NodeRef,
@@ -171,6 +179,16 @@ impl MediaState {
         match command {
             ClusterCommand::RoomOpened { room, node } => self.node_opened(&room, &node.id),
             ClusterCommand::RoomClosed { room, node } => self.node_closed(&room, &node),
+            ClusterCommand::RoomState { room, node, state } => {
+                let (tracks, channels) = *state;
+                self.room_state(&room, &node, tracks, channels, now)
+            }
+            ClusterCommand::Resync => {
+                let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+                for room in rooms {
+                    self.room_opened_here(&room);
+                }
+            }
             ClusterCommand::TrackUp { room, node, track } => {
                 self.remote_track_up(&room, &node.id, *track, now)
             }
@@ -257,28 +275,109 @@ impl MediaState {
         }
     }
 
+    /// `node` opened a room held here: its local tracks go there from now on, and this
+    /// node's state answers (the opener learns that this node has members, and what they
+    /// publish).
     fn node_opened(&mut self, room: &str, node: &str) {
+        self.add_room_node(room, node);
+        self.announce_room_state(room);
+    }
+
+    /// Relays the room's local tracks to `node` too. Whether it was new to the room here.
+    fn add_room_node(&mut self, room: &str, node: &str) -> bool {
         let Some(r) = self.rooms.get_mut(room) else {
-            return;
+            return false;
         };
-        let newcomer = !r.nodes.iter().any(|n| n == node);
-        if newcomer {
-            r.nodes.push(node.to_owned());
+        if r.nodes.iter().any(|n| n == node) {
+            return false;
         }
-        let tracks = r.tracks.clone();
-        if newcomer {
-            // The newcomer may not know this node has members here: it opened the room
-            // before, when the newcomer had none. (Known nodes do not answer: no ping-pong.)
-            self.room_opened_here(room);
-        }
-        for t in tracks {
+        r.nodes.push(node.to_owned());
+        for &t in &r.tracks {
             let track = &mut self.tracks[t];
-            if track.is_local() && !track.relay.to.iter().any(|n| n == node) {
+            if track.is_local() {
                 track.relay.to.push(node.to_owned());
             }
-            self.announce_track(t);
         }
-        self.announce_channels(room);
+        true
+    }
+
+    /// Publishes what the local members publish in `room`.
+    fn announce_room_state(&self, room: &str) {
+        let (Some(r), pipes) = (self.rooms.get(room), &self.shared.pipes) else {
+            return;
+        };
+        if !pipes.clustered() {
+            return;
+        }
+        let tracks = r.tracks.iter().map(|&t| &self.tracks[t]);
+        let channels = r.channels.iter().map(|&c| &self.channels[c]);
+        pipes.publish(MediaEvent::RoomState {
+            room: room.to_owned(),
+            node: pipes.me.clone(),
+            relay: pipes.relay,
+            tracks: tracks
+                .filter(|t| t.is_local())
+                .map(|t| t.remote())
+                .collect(),
+            channels: channels
+                .filter(|c| c.is_local())
+                .map(|c| c.remote())
+                .collect(),
+        });
+    }
+
+    /// Another node's state of a room held here: what is missing is added, what it no longer
+    /// publishes goes (announcements lost while this node's bus was down), and a node new to
+    /// the room here learns this node's state in return.
+    fn room_state(
+        &mut self,
+        room: &str,
+        node: &str,
+        tracks: Vec<RemoteTrack>,
+        channels: Vec<RemoteChannel>,
+        now: Instant,
+    ) {
+        if !self.rooms.contains_key(room) {
+            return;
+        }
+        if self.add_room_node(room, node) {
+            self.announce_room_state(room);
+        }
+        let origin = Origin::Remote {
+            node: node.to_owned(),
+        };
+        let stale: Vec<usize> = self.rooms[room]
+            .tracks
+            .iter()
+            .copied()
+            .filter(|&t| {
+                let track = &self.tracks[t];
+                track.origin == origin
+                    && !tracks
+                        .iter()
+                        .any(|r| r.owner == track.owner && r.track_id == track.track_id)
+            })
+            .collect();
+        for t in stale {
+            let info = self.tracks[t].info();
+            self.unpublish(t, now);
+            // Its trackUnpublished may have been lost with the announcement.
+            self.emit(SfuEvent::RemoteTrackGone {
+                room_id: room.to_owned(),
+                track: info,
+            });
+        }
+        for track in tracks {
+            self.remote_track_up(room, node, track, now);
+        }
+        for c in self.remote_channels_of(room, Some(node)) {
+            if !channels.iter().any(|ch| ch.key == self.channels[c].key) {
+                self.remove_channel(c, now);
+            }
+        }
+        for channel in channels {
+            self.remote_channel_up(room, node, channel, now);
+        }
     }
 
     fn node_closed(&mut self, room: &str, node: &str) {

@@ -13,7 +13,7 @@ use super::{ChannelOrigin, ChannelSource, MediaState};
 use crate::cluster::{MediaEvent, RemoteChannel};
 
 impl ChannelSource {
-    fn remote(&self) -> RemoteChannel {
+    pub(super) fn remote(&self) -> RemoteChannel {
         RemoteChannel {
             key: self.key,
             owner: self.owner.clone(),
@@ -153,15 +153,6 @@ impl MediaState {
                 data: bytes::BytesMut::from(&data[..]),
             };
             self.relay_message(c, &message, now);
-        }
-    }
-
-    /// The local channels of a room, announced to a node that opened it.
-    pub(super) fn announce_channels(&self, room: &str) {
-        if let Some(r) = self.rooms.get(room) {
-            for &c in &r.channels {
-                self.announce_channel(c);
-            }
         }
     }
 
