@@ -408,3 +408,19 @@ async fn what_a_node_missed_while_its_bus_was_down_is_caught_up() {
     n1.shutdown().await;
     n2.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_relay_address_the_media_socket_cannot_receive_on_is_refused_at_start() {
+    let mut c = test_config();
+    c.media.ip = "127.0.0.2".parse().unwrap();
+    c.cluster.relay_ip = "127.0.0.9".into();
+    let err = Server::start(c).await.err().expect("refused").to_string();
+    assert!(err.contains("cluster.relay_ip 127.0.0.9"), "{err}");
+    let mut c = test_config();
+    c.cluster.relay_ip = "not-an-ip".into();
+    let err = Server::start(c).await.err().expect("refused").to_string();
+    assert!(
+        err.contains("cluster.relay_ip must be an IP address"),
+        "{err}"
+    );
+}

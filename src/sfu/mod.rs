@@ -159,6 +159,15 @@ impl Sfu {
         }
         let media_addr = SocketAddr::new(advertised, bound.port());
         let gso = io::gso_supported(&sockets[0]);
+        if let Some(ip) = cluster.relay_ip
+            && !bound.ip().is_unspecified()
+            && ip != bound.ip()
+        {
+            anyhow::bail!(
+                "cluster.relay_ip {ip} is not an address the media socket receives on (media.ip {}): set media.ip to 0.0.0.0 or to the relay address",
+                bound.ip()
+            );
+        }
         let relay = SocketAddr::new(
             cluster.relay_ip.unwrap_or(if bound.ip().is_unspecified() {
                 advertised

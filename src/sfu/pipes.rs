@@ -251,3 +251,82 @@ impl LoopPipes {
         self.inbound.remove(peer);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, incarnation: u64) -> NodeRef {
+        NodeRef {
+            id: id.into(),
+            incarnation,
+        }
+    }
+
+    fn rtp_with_ssrc(ssrc: u32) -> Vec<u8> {
+        let mut p = vec![0x80, 96, 0, 1, 0, 0, 0, 1];
+        p.extend_from_slice(&ssrc.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn pipe_datagrams_are_routed_by_peer_address_and_ssrc() {
+        let pipes = Pipes::new("me", "127.0.0.2:7882".parse().unwrap(), None);
+        let peer_addr: SocketAddr = "127.0.0.3:7882".parse().unwrap();
+        let key = PipeKey::generate().unwrap();
+        assert!(pipes.accept_inbound(&node("n2", 1), peer_addr, key.clone()));
+        assert!(
+            !pipes.accept_inbound(&node("n2", 1), peer_addr, key),
+            "known"
+        );
+        pipes.place("n2", 7, 1);
+        let (peer, l) = pipes.route(peer_addr, &rtp_with_ssrc(7)).unwrap();
+        assert_eq!((&*peer, l), ("n2", 1));
+        assert!(
+            pipes.route(peer_addr, &rtp_with_ssrc(9)).is_none(),
+            "unknown stream"
+        );
+        let stranger: SocketAddr = "127.0.0.4:7882".parse().unwrap();
+        assert!(
+            pipes.route(stranger, &rtp_with_ssrc(7)).is_none(),
+            "not a peer"
+        );
+        assert!(pipes.route(peer_addr, &[0x80, 96]).is_none(), "too short");
+        pipes.unplace("n2", 7);
+        assert!(pipes.route(peer_addr, &rtp_with_ssrc(7)).is_none());
+
+        // A restart is a new incarnation; forgetting the peer drops its routes and keys.
+        pipes.place("n2", 7, 0);
+        assert!(!pipes.restarted(&node("n2", 1)));
+        assert!(pipes.restarted(&node("n2", 2)));
+        pipes.forget("n2");
+        assert!(pipes.route(peer_addr, &rtp_with_ssrc(7)).is_none());
+        assert!(!pipes.has_inbound("n2"));
+    }
+
+    #[test]
+    fn an_outbound_pipe_is_keyed_once_per_peer_incarnation() {
+        let pipes = Pipes::new("me", "127.0.0.2:7882".parse().unwrap(), None);
+        let addr: SocketAddr = "127.0.0.3:7882".parse().unwrap();
+        assert!(pipes.open_outbound(&node("n2", 1), addr, true));
+        assert!(!pipes.open_outbound(&node("n2", 1), addr, true));
+        let key = pipes.outbound("n2").unwrap().key;
+        assert!(
+            pipes.open_outbound(&node("n2", 2), addr, false),
+            "restarted"
+        );
+        assert!(pipes.outbound("n2").unwrap().key != key, "a new key");
+        let mut loop_pipes = LoopPipes::default();
+        assert_eq!(loop_pipes.outbound(&pipes, "n2").unwrap().0, addr);
+        assert!(loop_pipes.outbound(&pipes, "n3").is_none());
+    }
+
+    #[test]
+    fn relay_ssrcs_are_odd_and_distinct() {
+        let pipes = Pipes::new("me", "127.0.0.2:7882".parse().unwrap(), None);
+        let ssrcs: std::collections::HashSet<u32> =
+            (0..10_000).map(|_| pipes.relay_ssrc()).collect();
+        assert_eq!(ssrcs.len(), 10_000);
+        assert!(ssrcs.iter().all(|s| s % 2 == 1));
+    }
+}
