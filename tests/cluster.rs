@@ -43,12 +43,18 @@ async fn members_on_two_nodes_form_one_meeting_and_each_track_crosses_once() {
     let redis = Redis::start();
     let n1 = node(&redis, "n1", "127.0.0.2").await;
     let n2 = node(&redis, "n2", "127.0.0.3").await;
+    // A third node with a member of another room only: it hears every announcement of room
+    // R, and must get none of its media.
+    let n3 = node(&redis, "n3", "127.0.0.4").await;
+    let olga = TestPeer::join(n3.local_addr(), "olga", "other", 7, false).await;
     let (a1, a2) = (n1.local_addr(), n2.local_addr());
     // Publishers on both nodes, and a receive-only member on each.
     let alice = TestPeer::join(a1, "alice", "R", 1, true).await;
+    let dave = TestPeer::join(a1, "dave", "R", 4, false).await;
+    // n2 opens the room once alice's tracks are there (n1's answer lists them).
+    assert!(eventually(MEDIA_WAIT, || receives_exactly(&dave, &[("alice", 1)])).await);
     let bob = TestPeer::join(a2, "bob", "R", 2, true).await;
     let carol = TestPeer::join(a2, "carol", "R", 3, false).await;
-    let dave = TestPeer::join(a1, "dave", "R", 4, false).await;
 
     let meeting = eventually(MEDIA_WAIT, || {
         receives_exactly(&alice, &[("bob", 2)])
@@ -148,6 +154,9 @@ async fn members_on_two_nodes_form_one_meeting_and_each_track_crosses_once() {
             "{arrived} of {relayed} arrived"
         );
     }
+    let bystander = healthz(n3.local_addr()).await;
+    assert_eq!(media(&bystander, "relayedIn"), 0, "{bystander}");
+    assert_eq!(media(&bystander, "unrouted"), 0, "{bystander}");
 
     // A keyframe request of a subscriber on the other node reaches the publisher (once the
     // throttle window of the requests the nodes made by themselves is over).
@@ -220,11 +229,32 @@ async fn members_on_two_nodes_form_one_meeting_and_each_track_crosses_once() {
     assert_eq!(unpublished, ["alice-audio", "alice-video"]);
     assert!(keeps_receiving(&dave, "bob").await, "{}", dave.summary());
 
-    for p in [bob, carol, dave] {
+    // Bob connects again, to n1 (a reconnect through a load balancer) without leaving: his
+    // connection on n2 is replaced, and his tracks now come from n1, to carol on n2 and dave
+    // on n1, under the same ids.
+    let relayed_by_n1 = media(&healthz(a1).await, "relayedOut");
+    let bob_again = TestPeer::join(a1, "bob", "R", 2, true).await;
+    let moved = eventually(MEDIA_WAIT, || {
+        receives_exactly(&carol, &[("bob", 2)]) && receives_exactly(&dave, &[("bob", 2)])
+    })
+    .await;
+    assert!(
+        moved,
+        "carol: {}\ndave: {}",
+        carol.summary(),
+        dave.summary()
+    );
+    assert!(keeps_receiving(&carol, "bob").await, "{}", carol.summary());
+    assert!(keeps_receiving(&dave, "bob").await, "{}", dave.summary());
+    let relayed_now = media(&healthz(a1).await, "relayedOut");
+    assert!(relayed_now > relayed_by_n1 + 100, "n1 relays bob now");
+
+    for p in [bob, bob_again, carol, dave, olga] {
         p.close().await;
     }
     n1.shutdown().await;
     n2.shutdown().await;
+    n3.shutdown().await;
 }
 
 /// A node in its own process (so it can be killed, and its resources counted).

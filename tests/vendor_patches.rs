@@ -99,3 +99,25 @@ fn in_place_decryption_refuses_forgeries_and_replays() {
         );
     }
 }
+
+/// rtc-srtp: a stream's state can be forgotten; the same SSRC then starts afresh (its replay
+/// window too), and the context holds nothing more for it.
+#[test]
+fn a_streams_state_can_be_removed() {
+    let profile = ProtectionProfile::AeadAes128Gcm;
+    let (mut sender, mut receiver) = (context(profile, false), context(profile, true));
+    let packet = sender.encrypt_rtp(&plain(40_000)).unwrap();
+    let mut first = BytesMut::from(&packet[..]);
+    receiver.decrypt_rtp_in_place(&mut first).unwrap();
+    assert_eq!(receiver.srtp_ssrcs(), 1);
+    let mut replayed = BytesMut::from(&packet[..]);
+    assert!(receiver.decrypt_rtp_in_place(&mut replayed).is_err());
+    receiver.remove_ssrc(0x0102_0304);
+    assert_eq!(receiver.srtp_ssrcs(), 0);
+    // A stream starting again at a low sequence number is not taken for a replay or for a
+    // rollover of the old one.
+    let mut fresh_sender = context(profile, false);
+    let mut again = BytesMut::from(&fresh_sender.encrypt_rtp(&plain(5)).unwrap()[..]);
+    receiver.decrypt_rtp_in_place(&mut again).unwrap();
+    assert_eq!(&again[..], &plain(5)[..]);
+}

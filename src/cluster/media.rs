@@ -117,6 +117,7 @@ pub enum MediaEvent {
     },
     /// A subscriber on another node needs a keyframe of the layer sent as `ssrc` on the pipe.
     Keyframe { to: String, ssrc: u32 },
-    /// `node` stopped (a graceful stop, or found dead by the registry): its tracks are gone.
+    /// `node` stopped (a graceful stop, or found dead by the registry), or started (for its own
+    /// id: the others forget its last run): its tracks and pipes are gone.
     NodeGone { node: String },
 }

@@ -102,7 +102,7 @@ pub struct Shared {
     pub stats: Stats,
     pub recordings: Arc<crate::record::Recordings>,
     /// The other nodes' pipes and this node's place among them.
-    pub pipes: pipes::Pipes,
+    pub pipes: Arc<pipes::Pipes>,
 }
 
 /// How the media plane reaches other nodes: its node id, the bus (none: a single node), and
@@ -119,6 +119,10 @@ impl Shared {
         self.directory.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// How long a node whose bus came back waits for the other nodes' answers (`RoomState`, normally
+/// within milliseconds) before it takes a node that did not answer for a room to have left it.
+const RECHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Whether (user, session) is the user's current signaling connection.
 pub type SessionCheck = Box<dyn Fn(&str, &str) -> bool + Send + Sync>;
@@ -176,11 +180,12 @@ impl Sfu {
             }),
             bound.port(),
         );
+        let pipes = Arc::new(pipes::Pipes::new(&cluster.node_id, relay, cluster.bus));
         let shared = Arc::new(Shared {
-            directory: Mutex::new(Directory::new(loops)),
+            directory: Mutex::new(Directory::new(loops, Some(pipes.clone()))),
             stats: Stats::default(),
             recordings,
-            pipes: pipes::Pipes::new(&cluster.node_id, relay, cluster.bus),
+            pipes,
         });
         let (mailboxes, threads) = event_loop::start(
             sockets,
@@ -527,6 +532,9 @@ impl Sfu {
                 if pipes.restarted(&node) {
                     self.forget_node(&node.id);
                 }
+                if !self.holds(&room) {
+                    return; // nothing to send it
+                }
                 if pipes.open_outbound(&node, relay, true) {
                     to_all(&|| ClusterCommand::PipeChanged {
                         node: node.id.clone(),
@@ -546,6 +554,9 @@ impl Sfu {
                 }
                 if pipes.restarted(&node) {
                     self.forget_node(&node.id);
+                }
+                if !self.holds(&room) {
+                    return; // an answer to another node
                 }
                 if pipes.open_outbound(&node, relay, false) {
                     to_all(&|| ClusterCommand::PipeChanged {
@@ -685,8 +696,16 @@ impl Sfu {
     /// This node's bus subscription came back after a loss: every room asks the other nodes
     /// for their state again (their answers add what was missed and drop what ended).
     pub fn resync(&self) {
+        let directory = self.shared.directory();
+        for room in directory.rooms() {
+            directory.announce_open(room);
+        }
+        // Nodes that do not answer for a room by then have left it meanwhile.
+        let until = std::time::Instant::now() + RECHECK_WAIT;
         for mailbox in &self.loops {
-            mailbox.send(Input::Command(Command::Cluster(ClusterCommand::Resync)));
+            mailbox.send(Input::Command(Command::Cluster(ClusterCommand::Recheck {
+                until,
+            })));
         }
     }
 
@@ -699,11 +718,28 @@ impl Sfu {
         self.forget_node(node);
     }
 
+    /// Whether a room has media members here.
+    fn holds(&self, room: &str) -> bool {
+        self.shared.directory().loop_of_room(room).is_some()
+    }
+
     fn forget_node(&self, node: &str) {
-        if node == self.shared.pipes.me.id {
+        let pipes = &self.shared.pipes;
+        if node == pipes.me.id {
+            // Another node's registry took this one for dead (a heartbeat that stalled): the
+            // others forgot its keys and tracks. New keys, and every room asks again.
+            for peer in pipes.forget_outbound() {
+                for mailbox in &self.loops {
+                    mailbox.send(Input::Command(Command::Cluster(
+                        ClusterCommand::PipeChanged { node: peer.clone() },
+                    )));
+                }
+            }
+            tracing::warn!("another node took this one for dead; announcing its rooms again");
+            self.resync();
             return;
         }
-        self.shared.pipes.forget(node);
+        pipes.forget(node);
         for mailbox in &self.loops {
             mailbox.send(Input::Command(Command::Cluster(ClusterCommand::NodeGone {
                 node: node.to_owned(),
@@ -726,5 +762,15 @@ impl Sfu {
         // Every recording ended with its track; its file is complete once its writer is done.
         let recordings = self.shared.recordings.clone();
         let _ = tokio::task::spawn_blocking(move || recordings.wait()).await;
+        // The other nodes drop whatever of this node's they still hold (an announcement of a
+        // track's end lost on the way, say). Given a moment to reach Redis.
+        let pipes = &self.shared.pipes;
+        pipes.publish(MediaEvent::NodeGone {
+            node: pipes.me.id.clone(),
+        });
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while !pipes.sent_all() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 }

@@ -48,6 +48,15 @@ pub struct Pipes {
     next_ssrc: AtomicU32,
 }
 
+impl std::fmt::Debug for Pipes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipes")
+            .field("me", &self.me)
+            .field("relay", &self.relay)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Pipes {
     pub fn new(node_id: &str, relay: SocketAddr, bus: Option<Arc<Bus>>) -> Pipes {
         let random = crate::random_u64();
@@ -77,6 +86,11 @@ impl Pipes {
         if let Some(bus) = &self.bus {
             bus.publish(BusEvent::Media(event));
         }
+    }
+
+    /// Whether everything published has reached Redis (true without a bus).
+    pub fn sent_all(&self) -> bool {
+        self.bus.as_ref().is_none_or(|b| b.queued_bytes() == 0)
     }
 
     /// A fresh SSRC for one layer of a track this node relays (unique among this node's pipe
@@ -143,7 +157,13 @@ impl Pipes {
         if let Some(old) = table.inbound.get(&from.id).map(|p| p.addr) {
             table.by_addr.remove(&old);
         }
-        table.by_addr.insert(addr, Arc::from(from.id.as_str()));
+        // Another node that had this address (a node restarted under a new id on the same
+        // address) does not send from it any more.
+        if let Some(previous) = table.by_addr.insert(addr, Arc::from(from.id.as_str()))
+            && *previous != *from.id
+        {
+            table.inbound.remove(&*previous);
+        }
         table.inbound.insert(
             from.id.clone(),
             PipeEnd {
@@ -189,10 +209,14 @@ impl Pipes {
             .insert(ssrc, loop_index);
     }
 
-    pub fn unplace(&self, peer: &str, ssrc: u32) {
+    /// Forgets a stream's loop, if it is still `loop_index` (a room that moved to another loop
+    /// may have placed the same stream there since).
+    pub fn unplace(&self, peer: &str, ssrc: u32, loop_index: usize) {
         let mut table = self.table();
         if let Some(streams) = table.loops.get_mut(peer) {
-            streams.remove(&ssrc);
+            if streams.get(&ssrc) == Some(&loop_index) {
+                streams.remove(&ssrc);
+            }
             if streams.is_empty() {
                 table.loops.remove(peer);
             }
@@ -203,10 +227,31 @@ impl Pipes {
     pub fn forget(&self, peer: &str) {
         let mut table = self.table();
         table.outbound.remove(peer);
-        if let Some(p) = table.inbound.remove(peer) {
+        if let Some(p) = table.inbound.remove(peer)
+            && table
+                .by_addr
+                .get(&p.addr)
+                .is_some_and(|owner| **owner == *peer)
+        {
             table.by_addr.remove(&p.addr);
         }
         table.loops.remove(peer);
+    }
+
+    /// Drops every outbound key (they are drawn and announced anew on the next `RoomOpen` or
+    /// `RoomState`); returns the peers.
+    pub fn forget_outbound(&self) -> Vec<String> {
+        self.table()
+            .outbound
+            .drain()
+            .map(|(peer, _)| peer)
+            .collect()
+    }
+
+    /// The key of what goes to `peer` (unit tests: the receiving side's view).
+    #[cfg(test)]
+    pub fn outbound_key(&self, peer: &str) -> Option<PipeKey> {
+        self.outbound(peer).map(|end| end.key)
     }
 
     fn outbound(&self, peer: &str) -> Option<PipeEnd> {
@@ -243,6 +288,13 @@ impl LoopPipes {
             self.inbound.insert(peer.to_owned(), ctx);
         }
         self.inbound.get_mut(peer)
+    }
+
+    /// Forgets a stream's state in the context opening what `peer` sends.
+    pub fn forget_inbound_stream(&mut self, peer: &str, ssrc: u32) {
+        if let Some(ctx) = self.inbound.get_mut(peer) {
+            ctx.remove_ssrc(ssrc);
+        }
     }
 
     /// The peer's keys changed (or it is gone): contexts are made again on next use.
@@ -292,7 +344,12 @@ mod tests {
             "not a peer"
         );
         assert!(pipes.route(peer_addr, &[0x80, 96]).is_none(), "too short");
-        pipes.unplace("n2", 7);
+        pipes.unplace("n2", 7, 0);
+        assert!(
+            pipes.route(peer_addr, &rtp_with_ssrc(7)).is_some(),
+            "placed on loop 1"
+        );
+        pipes.unplace("n2", 7, 1);
         assert!(pipes.route(peer_addr, &rtp_with_ssrc(7)).is_none());
 
         // A restart is a new incarnation; forgetting the peer drops its routes and keys.
@@ -302,6 +359,19 @@ mod tests {
         pipes.forget("n2");
         assert!(pipes.route(peer_addr, &rtp_with_ssrc(7)).is_none());
         assert!(!pipes.has_inbound("n2"));
+
+        // A node restarted under a new id on the same address: the old id's death, reported
+        // later, does not take the address from the new one.
+        let key = PipeKey::generate().unwrap();
+        assert!(pipes.accept_inbound(&node("old", 1), peer_addr, key.clone()));
+        assert!(pipes.accept_inbound(&node("new", 1), peer_addr, key));
+        assert!(!pipes.has_inbound("old"), "the address is the new node's");
+        pipes.place("new", 11, 0);
+        pipes.forget("old");
+        assert_eq!(
+            &*pipes.route(peer_addr, &rtp_with_ssrc(11)).unwrap().0,
+            "new"
+        );
     }
 
     #[test]

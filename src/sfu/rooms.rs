@@ -1,7 +1,14 @@
 //! Which event loop each room's media lives on, and each member's media session: placement at
-//! a room's first join (the loop with the fewest members), found again by user.
+//! a room's first join (the loop with the fewest members), found again by user. A room's
+//! first and last media member here are announced to the other nodes from here, under the
+//! directory's lock, so that a room closing and opening again (perhaps on another loop) is
+//! announced in that order.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::pipes::Pipes;
+use crate::cluster::MediaEvent;
 
 /// A member's media session as the node knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,14 +25,33 @@ pub struct Directory {
     /// Room -> (its loop, its members with media sessions).
     rooms: HashMap<String, (usize, usize)>,
     members_per_loop: Vec<usize>,
+    /// Where rooms opening and closing here are announced (none in unit tests).
+    pipes: Option<Arc<Pipes>>,
 }
 
 impl Directory {
-    pub fn new(loops: usize) -> Directory {
+    pub fn new(loops: usize, pipes: Option<Arc<Pipes>>) -> Directory {
         Directory {
             sessions: HashMap::new(),
             rooms: HashMap::new(),
             members_per_loop: vec![0; loops.max(1)],
+            pipes,
+        }
+    }
+
+    /// The rooms with media members here.
+    pub fn rooms(&self) -> impl Iterator<Item = &String> {
+        self.rooms.keys()
+    }
+
+    /// Asks the other nodes for their state of `room` (they answer with `RoomState`).
+    pub fn announce_open(&self, room: &str) {
+        if let Some(pipes) = self.pipes.as_ref().filter(|p| p.clustered()) {
+            pipes.publish(MediaEvent::RoomOpen {
+                room: room.to_owned(),
+                node: pipes.me.clone(),
+                relay: pipes.relay,
+            });
         }
     }
 
@@ -52,6 +78,9 @@ impl Directory {
         let least_loaded = (0..self.members_per_loop.len())
             .min_by_key(|&l| self.members_per_loop[l])
             .unwrap_or(0);
+        if !self.rooms.contains_key(room) {
+            self.announce_open(room);
+        }
         let entry = self
             .rooms
             .entry(room.to_owned())
@@ -79,6 +108,12 @@ impl Directory {
             entry.1 -= 1;
             if entry.1 == 0 {
                 self.rooms.remove(&s.room);
+                if let Some(pipes) = self.pipes.as_ref().filter(|p| p.clustered()) {
+                    pipes.publish(MediaEvent::RoomClosed {
+                        room: s.room.clone(),
+                        node: pipes.me.clone(),
+                    });
+                }
             }
         }
         Some(s)
@@ -91,7 +126,7 @@ mod tests {
 
     #[test]
     fn a_room_stays_on_one_loop_and_rooms_spread_over_loops() {
-        let mut d = Directory::new(2);
+        let mut d = Directory::new(2, None);
         let a = d.insert("a", "R1", "s-a");
         let b = d.insert("b", "R1", "s-b");
         assert_eq!(a.loop_index, b.loop_index);

@@ -37,7 +37,7 @@ use tracing::{debug, warn};
 
 use crate::auth::Grants;
 
-pub use remote::{ClusterCommand, Origin, Relay};
+pub use remote::{ClusterCommand, Origin, Relay, RelayTarget};
 pub use signaling::{Command, Reply};
 
 use super::Shared;
@@ -201,6 +201,9 @@ pub struct MediaState {
     loop_pipes: super::pipes::LoopPipes,
     /// Remote tracks by the pipe streams that feed them.
     remote_streams: remote::RemoteStreams,
+    /// After this node's bus came back: by when, and which nodes of each room have not
+    /// confirmed it yet.
+    recheck: Option<(Instant, HashMap<String, Vec<String>>)>,
 }
 
 /// Publishers' media on the server's own receive path since the last batch.
@@ -244,6 +247,7 @@ impl MediaState {
             received: ReceiveCounts::default(),
             loop_pipes: Default::default(),
             remote_streams: Default::default(),
+            recheck: None,
         }
     }
 
@@ -488,6 +492,7 @@ impl MediaState {
             .into_iter()
             .chain(offers)
             .chain([self.next_reports])
+            .chain(self.recheck.as_ref().map(|(until, _)| *until))
             .min()
     }
 
@@ -525,6 +530,7 @@ impl MediaState {
             self.next_reports = now + super::egress::REPORT_INTERVAL;
             self.send_reports(now);
         }
+        self.recheck_due(now);
         if !self.negotiating.is_empty() {
             let users: Vec<String> = self.negotiating.iter().cloned().collect();
             for user in users {

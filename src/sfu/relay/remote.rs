@@ -30,14 +30,18 @@ pub enum ClusterCommand {
         room: String,
         node: String,
     },
+    /// This node's bus came back: nodes that do not confirm a room (with `RoomState`) by
+    /// `until` are taken to have left it.
+    Recheck {
+        until: Instant,
+    },
     /// What `node` publishes in the room now.
     RoomState {
         room: String,
         node: String,
         state: Box<(Vec<RemoteTrack>, Vec<RemoteChannel>)>,
     },
-    /// This node may have missed announcements: every room asks the other nodes again.
-    Resync,
+
     TrackUp {
         room: String,
         node: NodeRef,
@@ -103,16 +107,59 @@ pub struct Relay {
     /// (source SSRC, pipe SSRC) of each layer.
     pub ssrcs: Vec<(u32, u32)>,
     /// The nodes it goes to.
-    pub to: Vec<String>,
+    pub to: Vec<RelayTarget>,
+}
+
+/// One node a track is relayed to, and the next packet index of each layer on its pipe.
+///
+/// The index (sequence number and rollover counter on the pipe) is the relay's own, one more
+/// for every packet sealed, so that no two packets are ever sealed with one nonce under the
+/// pipe's key: the publisher's sequence numbers may go back (a retransmission, a forged RTX
+/// packet, a relay resumed after a pause), the relay's never do. The publisher's sequence
+/// number travels in the first two bytes of the payload, and a node added to a track starts
+/// from 0 (its receiving side forgot the streams it had, see `forget_remote_streams`).
+#[derive(Debug)]
+pub struct RelayTarget {
+    pub node: String,
+    next_index: Vec<(u32, u64)>,
+}
+
+impl RelayTarget {
+    pub fn new(node: &str) -> RelayTarget {
+        RelayTarget {
+            node: node.to_owned(),
+            next_index: Vec::new(),
+        }
+    }
+
+    fn take_index(&mut self, pipe_ssrc: u32) -> u64 {
+        let i = match self.next_index.iter().position(|(s, _)| *s == pipe_ssrc) {
+            Some(i) => i,
+            None => {
+                self.next_index.push((pipe_ssrc, 0));
+                self.next_index.len() - 1
+            }
+        };
+        let index = self.next_index[i].1;
+        self.next_index[i].1 += 1;
+        index
+    }
+}
+
+impl Relay {
+    pub fn goes_to(&self, node: &str) -> bool {
+        self.to.iter().any(|t| t.node == node)
+    }
 }
 
 /// The send batch's destination key of pipe datagrams (addresses are compared too).
 const PIPE_KEY: u32 = u32::MAX - 1;
 
 /// Seals one forwarded packet for each node the track goes to: the publisher's header (only
-/// the forwarded extensions, the publisher's ids) with the layer's pipe SSRC.
+/// the forwarded extensions, the publisher's ids) with the layer's pipe SSRC and the pipe's
+/// own sequence number, then the publisher's sequence number and the payload.
 pub(super) fn relay_packet(
-    relay: &Relay,
+    relay: &mut Relay,
     packet: &RtpPacket,
     loop_pipes: &mut LoopPipes,
     pipes: &Pipes,
@@ -122,16 +169,23 @@ pub(super) fn relay_packet(
         return 0;
     };
     let mut sent = 0;
-    for node in &relay.to {
-        let Some((to, ctx)) = loop_pipes.outbound(pipes, node) else {
+    for target in &mut relay.to {
+        let Some((to, ctx)) = loop_pipes.outbound(pipes, &target.node) else {
             continue;
         };
+        let index = target.take_index(pipe_ssrc);
         let mut buf = batch.buffer();
         write_header(&packet.header, &mut buf);
+        buf[2..4].copy_from_slice(&(index as u16).to_be_bytes());
         buf[8..12].copy_from_slice(&pipe_ssrc.to_be_bytes());
         let header_len = buf.len();
+        buf.extend_from_slice(&packet.header.sequence_number.to_be_bytes());
         buf.extend_from_slice(&packet.payload);
-        if ctx.encrypt_rtp_in_place(&mut buf, header_len).is_ok() {
+        let roc = (index >> 16) as u32;
+        if ctx
+            .encrypt_rtp_in_place_with_roc(&mut buf, header_len, roc)
+            .is_ok()
+        {
             batch.push(PIPE_KEY, to, buf);
             sent += 1;
         }
@@ -178,17 +232,13 @@ impl MediaState {
     pub(super) fn handle_cluster(&mut self, command: ClusterCommand, now: Instant) {
         match command {
             ClusterCommand::RoomOpened { room, node } => self.node_opened(&room, &node.id),
-            ClusterCommand::RoomClosed { room, node } => self.node_closed(&room, &node),
+            ClusterCommand::RoomClosed { room, node } => self.node_left_room(&room, &node, now),
+            ClusterCommand::Recheck { until } => self.recheck(until),
             ClusterCommand::RoomState { room, node, state } => {
                 let (tracks, channels) = *state;
                 self.room_state(&room, &node, tracks, channels, now)
             }
-            ClusterCommand::Resync => {
-                let rooms: Vec<String> = self.rooms.keys().cloned().collect();
-                for room in rooms {
-                    self.room_opened_here(&room);
-                }
-            }
+
             ClusterCommand::TrackUp { room, node, track } => {
                 self.remote_track_up(&room, &node.id, *track, now)
             }
@@ -244,34 +294,15 @@ impl MediaState {
         }
     }
 
-    /// A room got its first local member: the other nodes are asked for its tracks.
-    pub(super) fn room_opened_here(&self, room: &str) {
-        let pipes = &self.shared.pipes;
-        if pipes.clustered() {
-            pipes.publish(MediaEvent::RoomOpen {
-                room: room.to_owned(),
-                node: pipes.me.clone(),
-                relay: pipes.relay,
-            });
-        }
-    }
-
     /// A room lost its last local member (already removed from `rooms`): its remote tracks go
-    /// (no one here to tell), and the other nodes stop sending them.
-    pub(super) fn room_closed_here(&mut self, room: &str, closed: super::Room) {
+    /// (no one here to tell). (The other nodes heard of it from the directory.)
+    pub(super) fn room_closed_here(&mut self, closed: super::Room) {
         for t in closed.tracks {
             self.drop_remote_track(t);
         }
         // Its remote channels had copies on the members who left, and nothing else.
         for c in closed.channels {
             self.channels.try_remove(c);
-        }
-        let pipes = &self.shared.pipes;
-        if pipes.clustered() {
-            pipes.publish(MediaEvent::RoomClosed {
-                room: room.to_owned(),
-                node: pipes.me.clone(),
-            });
         }
     }
 
@@ -295,7 +326,7 @@ impl MediaState {
         for &t in &r.tracks {
             let track = &mut self.tracks[t];
             if track.is_local() {
-                track.relay.to.push(node.to_owned());
+                track.relay.to.push(RelayTarget::new(node));
             }
         }
         true
@@ -339,6 +370,11 @@ impl MediaState {
     ) {
         if !self.rooms.contains_key(room) {
             return;
+        }
+        if let Some((_, unconfirmed)) = &mut self.recheck
+            && let Some(nodes) = unconfirmed.get_mut(room)
+        {
+            nodes.retain(|n| n != node);
         }
         if self.add_room_node(room, node) {
             self.announce_room_state(room);
@@ -386,7 +422,7 @@ impl MediaState {
         };
         r.nodes.retain(|n| n != node);
         for &t in &r.tracks {
-            self.tracks[t].relay.to.retain(|n| n != node);
+            self.tracks[t].relay.to.retain(|target| target.node != node);
         }
     }
 
@@ -469,21 +505,33 @@ impl MediaState {
     fn remote_track_up(&mut self, room: &str, node: &str, remote: RemoteTrack, now: Instant) {
         let loop_index = self.routes.loop_index();
         if let Some(t) = self.remote_track(room, node, &remote.owner, &remote.track_id) {
-            let track = &mut self.tracks[t];
             for (ssrc, rid) in &remote.layers {
-                if let Some(old) = track.forwarder.add_layer(*ssrc, rid.as_deref()) {
-                    self.remote_streams.remove(node, old);
-                    self.shared.pipes.unplace(node, old);
+                let replaced = self.tracks[t].forwarder.add_layer(*ssrc, rid.as_deref());
+                if let Some(old) = replaced {
+                    self.forget_stream(node, old);
                 }
                 self.remote_streams.insert(node, *ssrc, t);
                 self.shared.pipes.place(node, *ssrc, loop_index);
             }
+            let track = &mut self.tracks[t];
             track.muted = remote.muted;
             track.forwarder.set_muted(remote.muted);
             return;
         }
         let Some(r) = self.rooms.get(room) else {
             return; // no member here any more
+        };
+        // The same owner's track of that id from elsewhere: the owner reconnected to `node`
+        // (its old node may not have said goodbye yet). The newer one replaces it.
+        let moved = r.tracks.iter().copied().find(|&t| {
+            let track = &self.tracks[t];
+            track.track_id == remote.track_id && track.owner == remote.owner && !track.is_local()
+        });
+        if let Some(old) = moved {
+            self.unpublish(old, now);
+        }
+        let Some(r) = self.rooms.get(room) else {
+            return;
         };
         if r.tracks
             .iter()
@@ -554,10 +602,20 @@ impl MediaState {
         let Origin::Remote { node } = &track.origin else {
             return;
         };
-        for ssrc in self.remote_streams.of_track(node, t) {
-            self.remote_streams.remove(node, ssrc);
-            self.shared.pipes.unplace(node, ssrc);
+        let node = node.clone();
+        for ssrc in self.remote_streams.of_track(&node, t) {
+            self.forget_stream(&node, ssrc);
         }
+    }
+
+    /// A remote stream ended here: its route, and its state in this loop's SRTP context (a
+    /// stream of the same SSRC later starts from a clean state, and the context does not
+    /// grow with every stream it saw).
+    fn forget_stream(&mut self, node: &str, ssrc: u32) {
+        self.remote_streams.remove(node, ssrc);
+        let loop_index = self.routes.loop_index();
+        self.shared.pipes.unplace(node, ssrc, loop_index);
+        self.loop_pipes.forget_inbound_stream(node, ssrc);
     }
 
     /// A remote track of a room closed here (no down-tracks left to remove).
@@ -570,29 +628,85 @@ impl MediaState {
         self.loop_pipes.reset(node);
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         for room in rooms {
-            self.node_closed(&room, node);
-            let gone: Vec<usize> = self.rooms[&room]
+            self.node_left_room(&room, node, now);
+        }
+    }
+
+    /// `node` has no members in `room` any more (it said so, died, or did not answer after
+    /// this node's bus came back): nothing more goes to it, and what it published leaves
+    /// (members here are told: its own announcements may not have arrived).
+    fn node_left_room(&mut self, room: &str, node: &str, now: Instant) {
+        if !self.rooms.contains_key(room) {
+            return;
+        }
+        self.node_closed(room, node);
+        let origin = Origin::Remote {
+            node: node.to_owned(),
+        };
+        let gone: Vec<usize> = self.rooms[room]
+            .tracks
+            .iter()
+            .copied()
+            .filter(|&t| self.tracks[t].origin == origin)
+            .collect();
+        for t in gone {
+            let info = self.tracks[t].info();
+            self.unpublish(t, now);
+            self.emit(SfuEvent::RemoteTrackGone {
+                room_id: room.to_owned(),
+                track: info,
+            });
+        }
+        for c in self.remote_channels_of(room, Some(node)) {
+            self.remove_channel(c, now);
+        }
+    }
+
+    /// Notes every other node known in each room, to be confirmed by its `RoomState` by
+    /// `until`.
+    fn recheck(&mut self, until: Instant) {
+        let mut unconfirmed = std::collections::HashMap::new();
+        for (room, r) in &self.rooms {
+            let mut nodes = r.nodes.clone();
+            let origins = r
                 .tracks
                 .iter()
-                .copied()
-                .filter(|&t| {
-                    self.tracks[t].origin
-                        == Origin::Remote {
-                            node: node.to_owned(),
-                        }
+                .filter_map(|&t| match &self.tracks[t].origin {
+                    Origin::Remote { node } => Some(node.clone()),
+                    Origin::Local(_) => None,
                 })
-                .collect();
-            for t in gone {
-                let info = self.tracks[t].info();
-                self.unpublish(t, now);
-                // Its node cannot say so: each node tells its own members.
-                self.emit(SfuEvent::RemoteTrackGone {
-                    room_id: room.clone(),
-                    track: info,
-                });
+                .chain(
+                    r.channels
+                        .iter()
+                        .filter_map(|&c| match &self.channels[c].origin {
+                            super::ChannelOrigin::Remote { node } => Some(node.clone()),
+                            super::ChannelOrigin::Local { .. } => None,
+                        }),
+                );
+            for node in origins {
+                if !nodes.contains(&node) {
+                    nodes.push(node);
+                }
             }
-            for c in self.remote_channels_of(&room, Some(node)) {
-                self.remove_channel(c, now);
+            if !nodes.is_empty() {
+                unconfirmed.insert(room.clone(), nodes);
+            }
+        }
+        self.recheck = Some((until, unconfirmed));
+    }
+
+    /// When the recheck is due: the nodes that did not confirm a room have left it.
+    pub(super) fn recheck_due(&mut self, now: Instant) {
+        if self.recheck.as_ref().is_none_or(|(until, _)| *until > now) {
+            return;
+        }
+        let Some((_, unconfirmed)) = self.recheck.take() else {
+            return;
+        };
+        for (room, nodes) in unconfirmed {
+            for node in nodes {
+                info!(%node, %room, "no answer from a node after the bus came back: taken to have left the room");
+                self.node_left_room(&room, &node, now);
             }
         }
     }
@@ -619,10 +733,21 @@ impl MediaState {
             self.received.rejected += 1;
             return;
         }
-        let Ok(packet) = rtp::Packet::unmarshal(&mut buf.freeze()) else {
+        let Ok(mut packet) = rtp::Packet::unmarshal(&mut buf.freeze()) else {
             self.received.rejected += 1;
             return;
         };
+        // The publisher's sequence number, before the payload (see `RelayTarget`).
+        let Some(seq) = packet
+            .payload
+            .get(..2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        else {
+            self.received.rejected += 1;
+            return;
+        };
+        packet.header.sequence_number = seq;
+        packet.payload = packet.payload.slice(2..);
         self.received.relayed_in += 1;
         debug_assert_eq!(packet.header.ssrc, ssrc);
         self.forward(t, packet, now);
@@ -670,5 +795,60 @@ impl RemoteStreams {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::pipe::PipeKey;
+    use crate::sfu::forward::RtpHeader;
+
+    /// A packet relayed twice (a publisher's retransmission, or a forged RTX packet naming one
+    /// already relayed) is sealed under two nonces, and both open on the other side with the
+    /// publisher's sequence number and payload restored.
+    #[test]
+    fn every_relayed_packet_gets_its_own_pipe_index() {
+        let pipes = Pipes::new("n1", "127.0.0.2:7882".parse().unwrap(), None);
+        let peer = NodeRef {
+            id: "n2".into(),
+            incarnation: 1,
+        };
+        pipes.open_outbound(&peer, "127.0.0.3:7882".parse().unwrap(), false);
+        let mut loop_pipes = LoopPipes::default();
+        let mut batch = SendBatch::new(false);
+        let mut relay = Relay {
+            ssrcs: vec![(0xAAAA, 0x1235)],
+            to: vec![RelayTarget::new("n2")],
+        };
+        let packet = RtpPacket {
+            header: RtpHeader {
+                payload_type: 96,
+                sequence_number: 65_535,
+                timestamp: 1234,
+                ssrc: 0xAAAA,
+                ..Default::default()
+            },
+            payload: bytes::Bytes::from_static(b"a frame"),
+        };
+        for _ in 0..2 {
+            assert_eq!(
+                relay_packet(&mut relay, &packet, &mut loop_pipes, &pipes, &mut batch),
+                1
+            );
+        }
+        let sealed = batch.drain_for_test();
+        assert_ne!(sealed[0][2..4], sealed[1][2..4], "two pipe indices");
+        // The receiving side, with the key as announced.
+        let key: PipeKey = pipes.outbound_key("n2").unwrap();
+        let mut receiver = key.context().unwrap();
+        for datagram in sealed {
+            let mut buf = BytesMut::from(&datagram[..]);
+            receiver.decrypt_rtp_in_place(&mut buf).unwrap();
+            let p = rtp::Packet::unmarshal(&mut buf.freeze()).unwrap();
+            assert_eq!(p.header.ssrc, 0x1235);
+            assert_eq!(&p.payload[..2], &65_535u16.to_be_bytes());
+            assert_eq!(&p.payload[2..], b"a frame");
+        }
     }
 }

@@ -250,14 +250,11 @@ impl MediaState {
                 grants,
             },
         );
-        let opened = !self.rooms.contains_key(room);
         let r = self.rooms.entry(room.to_owned()).or_default();
         r.members.push(user.to_owned());
         let (tracks, channels) = (r.tracks.clone(), r.channels.clone());
         let recorded = (r.recorded_tracks > 0).then(|| r.recorded_user.clone());
-        if opened {
-            self.room_opened_here(room);
-        }
+
         if let Some(recorded_user) = recorded {
             self.emit(SfuEvent::RecordingOngoing {
                 user_id: user.to_owned(),
@@ -675,7 +672,7 @@ impl MediaState {
             if r.members.is_empty()
                 && let Some(r) = self.rooms.remove(&room)
             {
-                self.room_closed_here(&room, r);
+                self.room_closed_here(r);
             }
         }
         info!(%user, "media session ended");

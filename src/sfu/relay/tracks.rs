@@ -21,7 +21,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use tracing::{debug, info, warn};
 
 use super::remote::relay_packet;
-use super::{DownEntry, DownSink, MediaState, Origin, PublishedTrack, Relay};
+use super::{DownEntry, DownSink, MediaState, Origin, PublishedTrack, Relay, RelayTarget};
 use crate::record::TrackMeta;
 use crate::record::rtp_out::{self, OutTrack};
 use crate::sfu::api::{MediaKind, PcKind, SfuError, SfuEvent, TrackInfo};
@@ -130,9 +130,10 @@ impl MediaState {
             .get(&room)
             .map(|r| r.tracks.clone())
             .unwrap_or_default();
+        let mine = |t: &PublishedTrack| t.owner == user && t.is_local();
         if let Some(&t) = in_room
             .iter()
-            .find(|&&t| self.tracks[t].track_id == track_id && self.tracks[t].owner == user)
+            .find(|&&t| self.tracks[t].track_id == track_id && mine(&self.tracks[t]))
         {
             let track = &mut self.tracks[t];
             let new_layer = !track.forwarder.has_layer(ssrc);
@@ -161,11 +162,24 @@ impl MediaState {
             self.conns[key].set_inbound(ssrc, None);
             return;
         };
+        // The member published this track on another node before reconnecting here (that node
+        // may not have said goodbye yet): this one replaces it.
+        let moved = in_room.iter().copied().find(|&t| {
+            let track = &self.tracks[t];
+            track.track_id == track_id && track.owner == user && !track.is_local()
+        });
+        let in_room = match moved {
+            Some(old) => {
+                self.unpublish(old, now);
+                in_room.into_iter().filter(|&t| t != old).collect()
+            }
+            None => in_room,
+        };
+        let Some(member) = self.members.get(&user) else {
+            return;
+        };
         // A member publishes at most `max_tracks` (each costs every other member a down-track).
-        let published = in_room
-            .iter()
-            .filter(|&&t| self.tracks[t].owner == user)
-            .count();
+        let published = in_room.iter().filter(|&&t| mine(&self.tracks[t])).count();
         if published >= self.settings.max_tracks {
             let limit = self.settings.max_tracks;
             let conn = &mut self.conns[key];
@@ -234,7 +248,7 @@ impl MediaState {
         self.relay_layer(t, ssrc, None);
         let r = self.rooms.entry(room.clone()).or_default();
         r.tracks.push(t);
-        self.tracks[t].relay.to = r.nodes.clone();
+        self.tracks[t].relay.to = r.nodes.iter().map(|n| RelayTarget::new(n)).collect();
         let others: Vec<String> = r.members.iter().filter(|u| **u != user).cloned().collect();
         info!(%user, track = %track_id, kind = ?self.tracks[t].kind, "track published");
         self.emit(SfuEvent::TrackPublished {

@@ -197,6 +197,20 @@ impl Context {
             })
     }
 
+        /// switchboard patch: forgets everything kept for `ssrc` (its rollover counter and replay
+    /// windows, SRTP and SRTCP), so that a context serving many short-lived streams does not
+    /// grow with every stream it ever saw, and a stream that starts again under the same SSRC
+    /// starts from a clean state.
+    pub fn remove_ssrc(&mut self, ssrc: u32) {
+        self.srtp_ssrc_states.remove(&ssrc);
+        self.srtcp_ssrc_states.remove(&ssrc);
+    }
+
+    /// The number of SSRCs with SRTP state (switchboard patch, for tests).
+    pub fn srtp_ssrcs(&self) -> usize {
+        self.srtp_ssrc_states.len()
+    }
+
     /// roc returns SRTP rollover counter value of specified SSRC.
     fn get_roc(&self, ssrc: u32) -> Option<u32> {
         self.srtp_ssrc_states
