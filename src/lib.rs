@@ -227,6 +227,13 @@ fn random_node_id() -> String {
 
 /// A random number from the standard library's per-process hash keys, the clock and the pid
 /// (ids and SSRCs need uniqueness, not cryptographic strength).
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -10,6 +10,7 @@ use bytes::BytesMut;
 
 use serde_json::{Value, json};
 use switchboard::Server;
+use switchboard::cluster::{BusEvent, MediaEvent};
 
 use common::peer::{MEDIA_WAIT, TestPeer, keeps_receiving, receives_exactly};
 use common::{Process, Redis, eventually, healthz, test_config};
@@ -382,7 +383,7 @@ async fn a_killed_node_costs_the_others_only_its_members_and_rejoins_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_a_node_missed_while_its_bus_was_down_is_caught_up() {
+async fn what_a_node_missed_is_caught_up_and_a_false_death_heals() {
     let mut redis = Redis::start();
     let n1 = node(&redis, "n1", "127.0.0.2").await;
     let n2 = node(&redis, "n2", "127.0.0.3").await;
@@ -433,10 +434,77 @@ async fn what_a_node_missed_while_its_bus_was_down_is_caught_up() {
             .all(|t| unpublished.contains(&t.to_string())),
         "carol is told erin's tracks are gone: {unpublished:?}"
     );
-    frank.close().await;
+
+    // Carol reloads: n2's room closes and opens again, and n1 relays to it afresh.
     carol.close().await;
+    let carol = TestPeer::join(n2.local_addr(), "carol", "R", 3, false).await;
+    let gina = TestPeer::join(n2.local_addr(), "gina", "R", 8, true).await;
+    let both_ways = eventually(MEDIA_WAIT, || {
+        receives_exactly(&carol, &[("frank", 6), ("gina", 8)])
+            && receives_exactly(&frank, &[("gina", 8)])
+    })
+    .await;
+    assert!(
+        both_ways,
+        "carol: {}\nfrank: {}",
+        carol.summary(),
+        frank.summary()
+    );
+
+    // Another node's registry takes n2 for dead by mistake (a stalled heartbeat): n1 drops
+    // n2's tracks, n2 hears it about itself, draws new keys and asks again; the meeting heals.
+    let frame = BusFrame {
+        origin: "a-reaper".into(),
+        event: BusEvent::Media(MediaEvent::NodeGone { node: "n2".into() }),
+    };
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("switchboard:bus")
+        .arg(rmp_serde::to_vec(&frame).unwrap())
+        .query(&mut redis.conn())
+        .unwrap();
+    // n1 dropped gina's channels and opened them again: frank saw each one twice.
+    let chats_from_gina = || {
+        let channels = frank.observed.channels.lock().unwrap();
+        channels
+            .iter()
+            .filter(|c| c.label == "chat" && c.protocol == "gina")
+            .count()
+    };
+    assert!(
+        eventually(MEDIA_WAIT, || chats_from_gina() == 2).await,
+        "n1 took n2 for gone and back: {}",
+        frank.summary()
+    );
+    let healed = eventually(MEDIA_WAIT, || {
+        receives_exactly(&frank, &[("gina", 8)])
+            && receives_exactly(&carol, &[("frank", 6), ("gina", 8)])
+    })
+    .await;
+    assert!(
+        healed,
+        "frank: {}\ncarol: {}",
+        frank.summary(),
+        carol.summary()
+    );
+    assert!(keeps_receiving(&frank, "gina").await, "{}", frank.summary());
+    assert!(
+        keeps_receiving(&carol, "frank").await,
+        "{}",
+        carol.summary()
+    );
+
+    for p in [frank, carol, gina] {
+        p.close().await;
+    }
     n1.shutdown().await;
     n2.shutdown().await;
+}
+
+/// A frame on the bus as the nodes write it (origin, event), to speak for a node in a test.
+#[derive(serde::Serialize)]
+struct BusFrame {
+    origin: String,
+    event: BusEvent,
 }
 
 #[tokio::test]

@@ -17,6 +17,9 @@ pub struct NodeRef {
     pub incarnation: u64,
 }
 
+/// A layer's stream on a pipe: its SSRC there and the layer's simulcast rid.
+pub type PipeLayer = (u32, Option<String>);
+
 /// A published track as other nodes need it to forward it: the publisher's codec, simulcast
 /// rids and header-extension ids, and the SSRC each layer has on the pipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,9 +35,12 @@ pub struct RemoteTrack {
     pub feedback: Vec<(String, String)>,
     pub simulcast: Vec<String>,
     pub ext_ids: Vec<(String, u8)>,
-    /// Pipe SSRC of each layer, with its rid (`None`: not simulcast).
-    pub layers: Vec<(u32, Option<String>)>,
+    /// For each node it is relayed to: the pipe SSRC of each layer, with its rid (`None`: not
+    /// simulcast). Each node gets streams of its own.
+    pub layers: Vec<(String, Vec<PipeLayer>)>,
     pub muted: bool,
+    /// When it was published (Unix ms, on its node).
+    pub published_at: u64,
 }
 
 /// A data channel as other nodes need it to open copies of it.

@@ -499,16 +499,23 @@ impl Sfu {
     /// Ends a member's media session: both connections, its tracks and channels everywhere.
     /// Whether there was one to end.
     pub async fn leave(&self, user: &str, session: &str) -> bool {
-        let Some(s) = self.shared.directory().remove(user, session) else {
-            return false;
-        };
         let (tx, rx) = oneshot::channel();
-        let sent = self.loops[s.loop_index].send(Input::Command(Command::Leave {
-            user: user.to_owned(),
-            session: session.to_owned(),
-            reply: tx,
-        }));
-        sent && rx.await.unwrap_or(false)
+        {
+            let mut directory = self.shared.directory();
+            let Some(s) = directory.remove(user, session) else {
+                return false;
+            };
+            // Sent under the lock: a join that reopens the room on this loop queues behind it.
+            let sent = self.loops[s.loop_index].send(Input::Command(Command::Leave {
+                user: user.to_owned(),
+                session: session.to_owned(),
+                reply: tx,
+            }));
+            if !sent {
+                return false;
+            }
+        }
+        rx.await.unwrap_or(false)
     }
 
     /// What another node announced over the bus.
@@ -736,6 +743,11 @@ impl Sfu {
                 }
             }
             tracing::warn!("another node took this one for dead; announcing its rooms again");
+            for mailbox in &self.loops {
+                mailbox.send(Input::Command(Command::Cluster(
+                    ClusterCommand::ForgetNodes,
+                )));
+            }
             self.resync();
             return;
         }

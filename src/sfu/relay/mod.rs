@@ -9,6 +9,7 @@
 
 mod channels;
 pub mod negotiation;
+mod pipe_out;
 mod remote;
 mod remote_channels;
 
@@ -37,7 +38,8 @@ use tracing::{debug, warn};
 
 use crate::auth::Grants;
 
-pub use remote::{ClusterCommand, Origin, Relay, RelayTarget};
+pub use pipe_out::Relay;
+pub use remote::{ClusterCommand, Origin};
 pub use signaling::{Command, Reply};
 
 use super::Shared;
@@ -126,6 +128,9 @@ pub struct PublishedTrack {
     pub rtp_out: Vec<DownTrackId>,
     /// Other nodes it is relayed to (local tracks).
     pub relay: Relay,
+    /// When it was published (Unix ms, on its node): of two tracks of one owner and id from
+    /// two nodes (a member that reconnected elsewhere), the later one stays.
+    pub published_at: u64,
 }
 
 /// A data channel a member opened, and its copies on the other members' connections.

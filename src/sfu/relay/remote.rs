@@ -14,10 +14,9 @@ use tracing::{debug, info, warn};
 use super::{MediaState, PublishedTrack};
 use crate::cluster::{MediaEvent, NodeRef, RemoteChannel, RemoteTrack};
 use crate::sfu::api::{MediaKind, SfuEvent};
-use crate::sfu::forward::{Codec, RtpPacket, TrackForwarder, write_header};
-use crate::sfu::io::SendBatch;
+use crate::sfu::forward::{Codec, TrackForwarder};
+
 use crate::sfu::peer::ConnKey;
-use crate::sfu::pipes::{LoopPipes, Pipes};
 
 /// What the bus asks of the loop holding a room (sent by `Sfu::cluster`).
 pub enum ClusterCommand {
@@ -30,6 +29,9 @@ pub enum ClusterCommand {
         room: String,
         node: String,
     },
+    /// The other nodes forgot this one (took it for dead): it forgets which nodes its rooms
+    /// have and what it relays to them; their answers to its `RoomOpen` start afresh.
+    ForgetNodes,
     /// This node's bus came back: nodes that do not confirm a room (with `RoomState`) by
     /// `until` are taken to have left it.
     Recheck {
@@ -101,98 +103,6 @@ pub enum Origin {
     Remote { node: String },
 }
 
-/// A local track's relay to the other nodes of its room.
-#[derive(Debug, Default)]
-pub struct Relay {
-    /// (source SSRC, pipe SSRC) of each layer.
-    pub ssrcs: Vec<(u32, u32)>,
-    /// The nodes it goes to.
-    pub to: Vec<RelayTarget>,
-}
-
-/// One node a track is relayed to, and the next packet index of each layer on its pipe.
-///
-/// The index (sequence number and rollover counter on the pipe) is the relay's own, one more
-/// for every packet sealed, so that no two packets are ever sealed with one nonce under the
-/// pipe's key: the publisher's sequence numbers may go back (a retransmission, a forged RTX
-/// packet, a relay resumed after a pause), the relay's never do. The publisher's sequence
-/// number travels in the first two bytes of the payload, and a node added to a track starts
-/// from 0 (its receiving side forgot the streams it had, see `forget_remote_streams`).
-#[derive(Debug)]
-pub struct RelayTarget {
-    pub node: String,
-    next_index: Vec<(u32, u64)>,
-}
-
-impl RelayTarget {
-    pub fn new(node: &str) -> RelayTarget {
-        RelayTarget {
-            node: node.to_owned(),
-            next_index: Vec::new(),
-        }
-    }
-
-    fn take_index(&mut self, pipe_ssrc: u32) -> u64 {
-        let i = match self.next_index.iter().position(|(s, _)| *s == pipe_ssrc) {
-            Some(i) => i,
-            None => {
-                self.next_index.push((pipe_ssrc, 0));
-                self.next_index.len() - 1
-            }
-        };
-        let index = self.next_index[i].1;
-        self.next_index[i].1 += 1;
-        index
-    }
-}
-
-impl Relay {
-    pub fn goes_to(&self, node: &str) -> bool {
-        self.to.iter().any(|t| t.node == node)
-    }
-}
-
-/// The send batch's destination key of pipe datagrams (addresses are compared too).
-const PIPE_KEY: u32 = u32::MAX - 1;
-
-/// Seals one forwarded packet for each node the track goes to: the publisher's header (only
-/// the forwarded extensions, the publisher's ids) with the layer's pipe SSRC and the pipe's
-/// own sequence number, then the publisher's sequence number and the payload.
-pub(super) fn relay_packet(
-    relay: &mut Relay,
-    packet: &RtpPacket,
-    loop_pipes: &mut LoopPipes,
-    pipes: &Pipes,
-    batch: &mut SendBatch,
-) -> u64 {
-    let Some(&(_, pipe_ssrc)) = relay.ssrcs.iter().find(|(s, _)| *s == packet.header.ssrc) else {
-        return 0;
-    };
-    let mut sent = 0;
-    for target in &mut relay.to {
-        let Some((to, ctx)) = loop_pipes.outbound(pipes, &target.node) else {
-            continue;
-        };
-        let index = target.take_index(pipe_ssrc);
-        let mut buf = batch.buffer();
-        write_header(&packet.header, &mut buf);
-        buf[2..4].copy_from_slice(&(index as u16).to_be_bytes());
-        buf[8..12].copy_from_slice(&pipe_ssrc.to_be_bytes());
-        let header_len = buf.len();
-        buf.extend_from_slice(&packet.header.sequence_number.to_be_bytes());
-        buf.extend_from_slice(&packet.payload);
-        let roc = (index >> 16) as u32;
-        if ctx
-            .encrypt_rtp_in_place_with_roc(&mut buf, header_len, roc)
-            .is_ok()
-        {
-            batch.push(PIPE_KEY, to, buf);
-            sent += 1;
-        }
-    }
-    sent
-}
-
 impl PublishedTrack {
     pub fn is_local(&self) -> bool {
         matches!(self.origin, Origin::Local(_))
@@ -202,9 +112,14 @@ impl PublishedTrack {
     fn remote(&self) -> RemoteTrack {
         let layers = self
             .relay
-            .ssrcs
-            .iter()
-            .map(|&(source, pipe)| (pipe, self.forwarder.rid_of(source)))
+            .streams()
+            .map(|(node, streams)| {
+                let layers = streams
+                    .into_iter()
+                    .map(|(pipe, source)| (pipe, self.forwarder.rid_of(source)))
+                    .collect();
+                (node.to_owned(), layers)
+            })
             .collect();
         RemoteTrack {
             owner: self.owner.clone(),
@@ -224,6 +139,7 @@ impl PublishedTrack {
             ext_ids: self.ext_ids.clone(),
             layers,
             muted: self.muted,
+            published_at: self.published_at,
         }
     }
 }
@@ -232,8 +148,21 @@ impl MediaState {
     pub(super) fn handle_cluster(&mut self, command: ClusterCommand, now: Instant) {
         match command {
             ClusterCommand::RoomOpened { room, node } => self.node_opened(&room, &node.id),
-            ClusterCommand::RoomClosed { room, node } => self.node_left_room(&room, &node, now),
+            // Its members are told by `node` itself (trackUnpublished, room-wide).
+            ClusterCommand::RoomClosed { room, node } => {
+                self.node_left_room(&room, &node, false, now)
+            }
             ClusterCommand::Recheck { until } => self.recheck(until),
+            ClusterCommand::ForgetNodes => {
+                let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+                for room in rooms {
+                    for node in
+                        std::mem::take(&mut self.rooms.get_mut(&room).expect("listed").nodes)
+                    {
+                        self.node_closed(&room, &node);
+                    }
+                }
+            }
             ClusterCommand::RoomState { room, node, state } => {
                 let (tracks, channels) = *state;
                 self.room_state(&room, &node, tracks, channels, now)
@@ -266,10 +195,10 @@ impl MediaState {
                 }
             }
             ClusterCommand::Keyframe { ssrc } => {
-                let found = self.tracks.iter().find_map(|(t, track)| {
-                    let source = track.relay.ssrcs.iter().find(|(_, p)| *p == ssrc)?.0;
-                    Some((t, source))
-                });
+                let found = self
+                    .tracks
+                    .iter()
+                    .find_map(|(t, track)| Some((t, track.relay.source_of(ssrc)?)));
                 if let Some((t, source)) = found {
                     self.request_keyframe(t, source, now);
                 }
@@ -312,6 +241,17 @@ impl MediaState {
     fn node_opened(&mut self, room: &str, node: &str) {
         self.add_room_node(room, node);
         self.announce_room_state(room);
+        // After this node's bus came back, a node that has not confirmed the room yet is asked
+        // again: it may have missed this node's question, and knowing this node, it would not
+        // answer the state above with its own.
+        let unconfirmed = self
+            .recheck
+            .as_ref()
+            .and_then(|(_, rooms)| rooms.get(room))
+            .is_some_and(|nodes| nodes.iter().any(|n| n == node));
+        if unconfirmed {
+            self.shared.directory().announce_open(room);
+        }
     }
 
     /// Relays the room's local tracks to `node` too. Whether it was new to the room here.
@@ -326,7 +266,7 @@ impl MediaState {
         for &t in &r.tracks {
             let track = &mut self.tracks[t];
             if track.is_local() {
-                track.relay.to.push(RelayTarget::new(node));
+                track.relay.add_node(node, &self.shared.pipes);
             }
         }
         true
@@ -422,7 +362,7 @@ impl MediaState {
         };
         r.nodes.retain(|n| n != node);
         for &t in &r.tracks {
-            self.tracks[t].relay.to.retain(|target| target.node != node);
+            self.tracks[t].relay.remove_node(node);
         }
     }
 
@@ -431,7 +371,7 @@ impl MediaState {
         let Some(track) = self.tracks.get(t) else {
             return;
         };
-        if !track.is_local() || track.relay.to.is_empty() {
+        if !track.is_local() || track.relay.is_empty() {
             return;
         }
         let pipes = &self.shared.pipes;
@@ -442,24 +382,12 @@ impl MediaState {
         });
     }
 
-    /// A local track's new source layer gets its pipe SSRC (a replaced one's goes with it).
-    pub(super) fn relay_layer(&mut self, t: usize, source: u32, replaced: Option<u32>) {
-        let pipe_ssrc = self.shared.pipes.relay_ssrc();
-        let relay = &mut self.tracks[t].relay;
-        if let Some(old) = replaced {
-            relay.ssrcs.retain(|(s, _)| *s != old);
-        }
-        if !relay.ssrcs.iter().any(|(s, _)| *s == source) {
-            relay.ssrcs.push((source, pipe_ssrc));
-        }
-    }
-
     /// Tells the other nodes a local track is gone, or muted.
     pub(super) fn announce_track_change(&self, t: usize, gone: bool) {
         let Some(track) = self.tracks.get(t) else {
             return;
         };
-        if !track.is_local() || track.relay.to.is_empty() {
+        if !track.is_local() || track.relay.is_empty() {
             return;
         }
         let pipes = &self.shared.pipes;
@@ -504,8 +432,17 @@ impl MediaState {
     /// layers of one known.
     fn remote_track_up(&mut self, room: &str, node: &str, remote: RemoteTrack, now: Instant) {
         let loop_index = self.routes.loop_index();
+        let me = &self.shared.pipes.me.id;
+        // The streams `node` sends this node (none yet: it has not heard that this node is in
+        // the room; its answer will list them).
+        let layers = remote
+            .layers
+            .iter()
+            .find(|(n, _)| n == me)
+            .map(|(_, layers)| layers.clone())
+            .unwrap_or_default();
         if let Some(t) = self.remote_track(room, node, &remote.owner, &remote.track_id) {
-            for (ssrc, rid) in &remote.layers {
+            for (ssrc, rid) in &layers {
                 let replaced = self.tracks[t].forwarder.add_layer(*ssrc, rid.as_deref());
                 if let Some(old) = replaced {
                     self.forget_stream(node, old);
@@ -521,13 +458,16 @@ impl MediaState {
         let Some(r) = self.rooms.get(room) else {
             return; // no member here any more
         };
-        // The same owner's track of that id from elsewhere: the owner reconnected to `node`
-        // (its old node may not have said goodbye yet). The newer one replaces it.
-        let moved = r.tracks.iter().copied().find(|&t| {
+        // The same owner's track of that id from elsewhere: the owner reconnected (its old
+        // node may not have said goodbye yet). The one published later stays.
+        let other = r.tracks.iter().copied().find(|&t| {
             let track = &self.tracks[t];
             track.track_id == remote.track_id && track.owner == remote.owner && !track.is_local()
         });
-        if let Some(old) = moved {
+        if let Some(old) = other {
+            if self.tracks[old].published_at > remote.published_at {
+                return; // a late word from the node the owner left
+            }
             self.unpublish(old, now);
         }
         let Some(r) = self.rooms.get(room) else {
@@ -545,7 +485,7 @@ impl MediaState {
         };
         let mut forwarder = TrackForwarder::new(codec);
         forwarder.set_rids(&remote.simulcast);
-        for (ssrc, rid) in &remote.layers {
+        for (ssrc, rid) in &layers {
             forwarder.add_layer(*ssrc, rid.as_deref());
         }
         forwarder.set_muted(remote.muted);
@@ -580,8 +520,9 @@ impl MediaState {
             recording: None,
             rtp_out: Vec::new(),
             relay: Default::default(),
+            published_at: remote.published_at,
         });
-        for (ssrc, _) in &remote.layers {
+        for (ssrc, _) in &layers {
             self.remote_streams.insert(node, *ssrc, t);
             self.shared.pipes.place(node, *ssrc, loop_index);
         }
@@ -628,14 +569,14 @@ impl MediaState {
         self.loop_pipes.reset(node);
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         for room in rooms {
-            self.node_left_room(&room, node, now);
+            self.node_left_room(&room, node, true, now);
         }
     }
 
     /// `node` has no members in `room` any more (it said so, died, or did not answer after
     /// this node's bus came back): nothing more goes to it, and what it published leaves
     /// (members here are told: its own announcements may not have arrived).
-    fn node_left_room(&mut self, room: &str, node: &str, now: Instant) {
+    fn node_left_room(&mut self, room: &str, node: &str, tell: bool, now: Instant) {
         if !self.rooms.contains_key(room) {
             return;
         }
@@ -652,10 +593,12 @@ impl MediaState {
         for t in gone {
             let info = self.tracks[t].info();
             self.unpublish(t, now);
-            self.emit(SfuEvent::RemoteTrackGone {
-                room_id: room.to_owned(),
-                track: info,
-            });
+            if tell {
+                self.emit(SfuEvent::RemoteTrackGone {
+                    room_id: room.to_owned(),
+                    track: info,
+                });
+            }
         }
         for c in self.remote_channels_of(room, Some(node)) {
             self.remove_channel(c, now);
@@ -706,7 +649,7 @@ impl MediaState {
         for (room, nodes) in unconfirmed {
             for node in nodes {
                 info!(%node, %room, "no answer from a node after the bus came back: taken to have left the room");
-                self.node_left_room(&room, &node, now);
+                self.node_left_room(&room, &node, true, now);
             }
         }
     }
@@ -795,60 +738,5 @@ impl RemoteStreams {
                     .collect()
             })
             .unwrap_or_default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cluster::pipe::PipeKey;
-    use crate::sfu::forward::RtpHeader;
-
-    /// A packet relayed twice (a publisher's retransmission, or a forged RTX packet naming one
-    /// already relayed) is sealed under two nonces, and both open on the other side with the
-    /// publisher's sequence number and payload restored.
-    #[test]
-    fn every_relayed_packet_gets_its_own_pipe_index() {
-        let pipes = Pipes::new("n1", "127.0.0.2:7882".parse().unwrap(), None);
-        let peer = NodeRef {
-            id: "n2".into(),
-            incarnation: 1,
-        };
-        pipes.open_outbound(&peer, "127.0.0.3:7882".parse().unwrap(), false);
-        let mut loop_pipes = LoopPipes::default();
-        let mut batch = SendBatch::new(false);
-        let mut relay = Relay {
-            ssrcs: vec![(0xAAAA, 0x1235)],
-            to: vec![RelayTarget::new("n2")],
-        };
-        let packet = RtpPacket {
-            header: RtpHeader {
-                payload_type: 96,
-                sequence_number: 65_535,
-                timestamp: 1234,
-                ssrc: 0xAAAA,
-                ..Default::default()
-            },
-            payload: bytes::Bytes::from_static(b"a frame"),
-        };
-        for _ in 0..2 {
-            assert_eq!(
-                relay_packet(&mut relay, &packet, &mut loop_pipes, &pipes, &mut batch),
-                1
-            );
-        }
-        let sealed = batch.drain_for_test();
-        assert_ne!(sealed[0][2..4], sealed[1][2..4], "two pipe indices");
-        // The receiving side, with the key as announced.
-        let key: PipeKey = pipes.outbound_key("n2").unwrap();
-        let mut receiver = key.context().unwrap();
-        for datagram in sealed {
-            let mut buf = BytesMut::from(&datagram[..]);
-            receiver.decrypt_rtp_in_place(&mut buf).unwrap();
-            let p = rtp::Packet::unmarshal(&mut buf.freeze()).unwrap();
-            assert_eq!(p.header.ssrc, 0x1235);
-            assert_eq!(&p.payload[..2], &65_535u16.to_be_bytes());
-            assert_eq!(&p.payload[2..], b"a frame");
-        }
     }
 }

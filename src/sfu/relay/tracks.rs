@@ -20,8 +20,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use tracing::{debug, info, warn};
 
-use super::remote::relay_packet;
-use super::{DownEntry, DownSink, MediaState, Origin, PublishedTrack, Relay, RelayTarget};
+use super::{DownEntry, DownSink, MediaState, Origin, PublishedTrack, Relay};
 use crate::record::TrackMeta;
 use crate::record::rtp_out::{self, OutTrack};
 use crate::sfu::api::{MediaKind, PcKind, SfuError, SfuEvent, TrackInfo};
@@ -150,7 +149,8 @@ impl MediaState {
             track.origin = Origin::Local(key);
             self.conns[key].forward_source(ssrc, init.receiver_id, t);
             if new_layer {
-                self.relay_layer(t, ssrc, replaced);
+                let pipes = &self.shared.pipes;
+                self.tracks[t].relay.add_source(ssrc, replaced, pipes);
                 self.announce_track(t);
             }
             return;
@@ -243,12 +243,16 @@ impl MediaState {
             recording: None,
             rtp_out: Vec::new(),
             relay: Relay::default(),
+            published_at: crate::unix_ms(),
         });
         self.conns[key].forward_source(ssrc, init.receiver_id, t);
-        self.relay_layer(t, ssrc, None);
         let r = self.rooms.entry(room.clone()).or_default();
         r.tracks.push(t);
-        self.tracks[t].relay.to = r.nodes.iter().map(|n| RelayTarget::new(n)).collect();
+        let (relay, pipes) = (&mut self.tracks[t].relay, &self.shared.pipes);
+        relay.add_source(ssrc, None, pipes);
+        for node in &r.nodes {
+            relay.add_node(node, pipes);
+        }
         let others: Vec<String> = r.members.iter().filter(|u| **u != user).cloned().collect();
         info!(%user, track = %track_id, kind = ?self.tracks[t].kind, "track published");
         self.emit(SfuEvent::TrackPublished {
@@ -688,8 +692,8 @@ impl MediaState {
             sub.egress
                 .send(slot, header, payload, now, srtp, route, batch);
         });
-        if !relay.to.is_empty() && !*muted {
-            self.received.relayed_out += relay_packet(relay, &packet, loop_pipes, pipes, batch);
+        if !relay.is_empty() && !*muted {
+            self.received.relayed_out += relay.send(&packet, loop_pipes, pipes, batch);
         }
         forwarder.keep(packet);
         // The recording lost video (a gap, or its queue overflowed): it needs a keyframe.
