@@ -5,33 +5,41 @@ mod common;
 
 use std::process::Command;
 
-#[test]
-fn the_load_tool_measures_a_lossless_run_and_its_floor() {
+/// Runs `switchboard load ARGS --json`; its report, and its stderr (progress lines).
+fn load(args: &[&str]) -> (serde_json::Value, String) {
     common::logs();
     let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args([
-            "load",
-            "--publishers",
-            "2",
-            "--subscribers",
-            "2",
-            "--pps",
-            "200",
-            "--seconds",
-            "2",
-            "--warmup",
-            "1",
-            "--data-rate",
-            "10",
-            "--floor",
-            "--json",
-        ])
+        .arg("load")
+        .args(args)
+        .arg("--json")
         .output()
         .expect("the binary runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    let r: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
+    (
+        serde_json::from_str(&stdout).expect("a JSON report"),
+        stderr,
+    )
+}
+
+#[test]
+fn the_load_tool_measures_a_lossless_run_and_its_floor() {
+    let (r, stderr) = load(&[
+        "--publishers",
+        "2",
+        "--subscribers",
+        "2",
+        "--pps",
+        "200",
+        "--seconds",
+        "2",
+        "--warmup",
+        "1",
+        "--data-rate",
+        "10",
+        "--floor",
+    ]);
     let num = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
     // 2 publishers x 3 receivers each (the other publisher and 2 subscribers) x 200/s.
     assert_eq!(num("expectedPerSecond"), 1200.0, "{r}");
@@ -57,31 +65,21 @@ fn the_load_tool_measures_a_lossless_run_and_its_floor() {
 /// each packet once, whatever the number of subscribers on the other node.
 #[test]
 fn the_load_tool_measures_relaying_between_two_nodes() {
-    common::logs();
     let redis = common::Redis::start();
-    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args([
-            "load",
-            "--publishers",
-            "1",
-            "--subscribers",
-            "3",
-            "--pps",
-            "200",
-            "--seconds",
-            "2",
-            "--warmup",
-            "1",
-            "--relay-redis",
-            &redis.url(),
-            "--json",
-        ])
-        .output()
-        .expect("the binary runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    let r: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON report");
+    let (r, stderr) = load(&[
+        "--publishers",
+        "1",
+        "--subscribers",
+        "3",
+        "--pps",
+        "200",
+        "--seconds",
+        "2",
+        "--warmup",
+        "1",
+        "--relay-redis",
+        &redis.url(),
+    ]);
     let relay = |k: &str| {
         r["relay"][k]
             .as_f64()

@@ -39,13 +39,19 @@ const MAX_WAIT: Duration = Duration::from_secs(1);
 /// What other threads send a loop.
 pub enum Input {
     Command(Command),
-    /// Datagrams another loop received for connections of this one.
-    Datagrams(Vec<(ConnRef, SocketAddr, Vec<u8>)>),
-    /// Pipe datagrams from another node (by its id) for this loop's remote tracks.
-    PipeDatagrams(Vec<(Arc<str>, Vec<u8>)>),
+    /// Datagrams another loop received for this one.
+    Datagrams(Vec<HandedOver>),
     /// Routes to connections another loop closed.
     Forget(Vec<SocketAddr>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// A datagram another loop received for this one.
+pub enum HandedOver {
+    /// For one of its connections, from this address.
+    Conn(ConnRef, SocketAddr, Vec<u8>),
+    /// From another node's pipe (by its id), for one of its remote tracks.
+    Pipe(Arc<str>, Vec<u8>),
 }
 
 /// How other threads reach a loop.
@@ -68,22 +74,13 @@ impl Mailbox {
     }
 
     /// Hands datagrams over, unless too many already wait; `false` if dropped.
-    fn hand_over(&self, datagrams: Vec<(ConnRef, SocketAddr, Vec<u8>)>) -> bool {
+    fn hand_over(&self, datagrams: Vec<HandedOver>) -> bool {
         let n = datagrams.len();
         if self.handed_over.load(Ordering::Relaxed) + n > MAX_HANDED_OVER {
             return false;
         }
         self.handed_over.fetch_add(n, Ordering::Relaxed);
         self.send(Input::Datagrams(datagrams))
-    }
-
-    fn hand_over_pipe(&self, datagrams: Vec<(Arc<str>, Vec<u8>)>) -> bool {
-        let n = datagrams.len();
-        if self.handed_over.load(Ordering::Relaxed) + n > MAX_HANDED_OVER {
-            return false;
-        }
-        self.handed_over.fetch_add(n, Ordering::Relaxed);
-        self.send(Input::PipeDatagrams(datagrams))
     }
 }
 
@@ -261,21 +258,20 @@ impl EventLoop {
                     self.peers[self.index]
                         .handed_over
                         .fetch_sub(datagrams.len(), Ordering::Relaxed);
-                    for (conn, from, data) in datagrams {
-                        self.state.handle_datagram(conn, now, from, &data);
-                        // Only for a connection's selected pair: a client must not make the
-                        // server open sockets for addresses of its choosing.
-                        if self.state.is_route_of(conn, from) {
-                            self.connect_directly(from);
+                    for datagram in datagrams {
+                        match datagram {
+                            HandedOver::Conn(conn, from, data) => {
+                                self.state.handle_datagram(conn, now, from, &data);
+                                // Only for a connection's selected pair: a client must not make
+                                // the server open sockets for addresses of its choosing.
+                                if self.state.is_route_of(conn, from) {
+                                    self.connect_directly(from);
+                                }
+                            }
+                            HandedOver::Pipe(peer, data) => {
+                                self.state.handle_pipe(&peer, &data, now)
+                            }
                         }
-                    }
-                }
-                Input::PipeDatagrams(datagrams) => {
-                    self.peers[self.index]
-                        .handed_over
-                        .fetch_sub(datagrams.len(), Ordering::Relaxed);
-                    for (peer, data) in datagrams {
-                        self.state.handle_pipe(&peer, &data, now);
                     }
                 }
                 Input::Forget(addrs) => {
@@ -300,8 +296,13 @@ impl EventLoop {
     /// subscriber) instead of costing a second call and a second wake-up. Output never waits
     /// more than one extra read.
     fn receive(&mut self, direct: Option<usize>, now: Instant) {
-        let mut handover: Vec<Vec<(ConnRef, SocketAddr, Vec<u8>)>> = Vec::new();
-        let mut pipe_handover: Vec<Vec<(Arc<str>, Vec<u8>)>> = Vec::new();
+        let mut handover: Vec<Vec<HandedOver>> = Vec::new();
+        let hand_to = |handover: &mut Vec<Vec<HandedOver>>, l: usize, datagram: HandedOver| {
+            if handover.len() <= l {
+                handover.resize_with(l + 1, Vec::new);
+            }
+            handover[l].push(datagram);
+        };
         let mut read_since_send = 0;
         loop {
             let received = match direct {
@@ -331,21 +332,17 @@ impl EventLoop {
                     Some(conn) if conn.loop_index == self.index => {
                         self.state.handle_datagram(conn, now, from, data)
                     }
-                    Some(conn) => {
-                        if handover.len() <= conn.loop_index {
-                            handover.resize_with(conn.loop_index + 1, Vec::new);
-                        }
-                        handover[conn.loop_index].push((conn, from, data.to_vec()));
-                    }
+                    Some(conn) => hand_to(
+                        &mut handover,
+                        conn.loop_index,
+                        HandedOver::Conn(conn, from, data.to_vec()),
+                    ),
                     None => match self.shared.pipes.route(from, data) {
                         Some((peer, l)) if l == self.index => {
                             self.state.handle_pipe(&peer, data, now)
                         }
                         Some((peer, l)) => {
-                            if pipe_handover.len() <= l {
-                                pipe_handover.resize_with(l + 1, Vec::new);
-                            }
-                            pipe_handover[l].push((peer, data.to_vec()));
+                            hand_to(&mut handover, l, HandedOver::Pipe(peer, data.to_vec()))
                         }
                         None => {
                             stats.unrouted.fetch_add(1, Ordering::Relaxed);
@@ -367,18 +364,6 @@ impl EventLoop {
                 }
                 let stats = &self.shared.stats;
                 if self.peers[target].hand_over(std::mem::take(datagrams)) {
-                    stats.handed_over.fetch_add(n, Ordering::Relaxed);
-                } else {
-                    stats.handover_dropped.fetch_add(n, Ordering::Relaxed);
-                }
-            }
-            for (target, datagrams) in pipe_handover.iter_mut().enumerate() {
-                let n = datagrams.len() as u64;
-                if n == 0 {
-                    continue;
-                }
-                let stats = &self.shared.stats;
-                if self.peers[target].hand_over_pipe(std::mem::take(datagrams)) {
                     stats.handed_over.fetch_add(n, Ordering::Relaxed);
                 } else {
                     stats.handover_dropped.fetch_add(n, Ordering::Relaxed);

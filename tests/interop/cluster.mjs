@@ -7,8 +7,8 @@
 // Prints one line per check and "N passed, N failed"; exits non-zero on failure.
 import { spawn } from 'node:child_process';
 import {
-  LOUD, chat, checker, decoded, gotChat, heard, launchChromium, pollPages, shows, sleep, startServer, tilesSeen,
-  waitVideo,
+    LOUD, chat, checker, decoded, gotChat, heard, launchChromium, pollPages, shows, sleep, startServer, stopProcess,
+  tilesSeen, waitVideo,
 } from './meeting.mjs';
 
 const binary = process.argv[2];
@@ -75,9 +75,9 @@ try {
 } catch (e) {
   check('no exception', false, String(e && e.stack || e));
 } finally {
-  if (browser) await browser.close();
-  for (const n of nodes) n.srv.kill('SIGTERM');
-  redis.kill('SIGTERM');
+    if (browser) await browser.close();
+  await Promise.all(nodes.map((n) => stopProcess(n.srv)));
+  await stopProcess(redis);
 }
 console.log(`${counts.passed} passed, ${counts.failed} failed`);
 process.exit(counts.failed ? 1 : 0);

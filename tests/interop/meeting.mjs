@@ -20,6 +20,17 @@ export function checker() {
   return c;
 }
 
+// Stops a child process and waits for it to be gone (SIGKILL after 5 s), so that nothing it
+// still does weighs on what runs next.
+export async function stopProcess(child, signal = 'SIGTERM') {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const gone = new Promise((resolve) => child.once('exit', resolve));
+  child.kill(signal);
+  const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+  await gone;
+  clearTimeout(timer);
+}
+
 // A server binary on loopback; resolves with the process and its base URL once it prints
 // "listening on http://ADDR".
 export async function startServer(binary, args, env, tag = 'server') {
