@@ -155,6 +155,20 @@ async fn members_on_two_nodes_form_one_meeting_and_each_track_crosses_once() {
             "{arrived} of {relayed} arrived"
         );
     }
+    // A node's pipe traffic reaches the loop that holds the room by itself (a socket connected
+    // to the peer there), not handed over from another loop packet by packet.
+    for addr in [a1, a2] {
+        let before = healthz(addr).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = healthz(addr).await;
+        let delta = |k: &str| media(&after, k) - media(&before, k);
+        assert!(
+            delta("relayedIn") > 40 && delta("handedOver") * 10 < delta("relayedIn"),
+            "{addr}: {} handed over of {} relayed in",
+            delta("handedOver"),
+            delta("relayedIn")
+        );
+    }
     let bystander = healthz(n3.local_addr()).await;
     assert_eq!(media(&bystander, "relayedIn"), 0, "{bystander}");
     assert_eq!(media(&bystander, "unrouted"), 0, "{bystander}");

@@ -50,8 +50,8 @@ pub enum Input {
 pub enum HandedOver {
     /// For one of its connections, from this address.
     Conn(ConnRef, SocketAddr, Vec<u8>),
-    /// From another node's pipe (by its id), for one of its remote tracks.
-    Pipe(Arc<str>, Vec<u8>),
+    /// From another node's pipe (by its id, from this address), for one of its remote tracks.
+    Pipe(Arc<str>, SocketAddr, Vec<u8>),
 }
 
 /// How other threads reach a loop.
@@ -268,8 +268,13 @@ impl EventLoop {
                                     self.connect_directly(from);
                                 }
                             }
-                            HandedOver::Pipe(peer, data) => {
-                                self.state.handle_pipe(&peer, &data, now)
+                            HandedOver::Pipe(peer, from, data) => {
+                                self.state.handle_pipe(&peer, &data, now);
+                                // While every stream of the peer is on this loop, its
+                                // datagrams come here straight (a socket connected to it).
+                                if self.shared.pipes.all_streams_on(&peer, self.index) {
+                                    self.connect_directly(from);
+                                }
                             }
                         }
                     }
@@ -341,9 +346,11 @@ impl EventLoop {
                         Some((peer, l)) if l == self.index => {
                             self.state.handle_pipe(&peer, data, now)
                         }
-                        Some((peer, l)) => {
-                            hand_to(&mut handover, l, HandedOver::Pipe(peer, data.to_vec()))
-                        }
+                        Some((peer, l)) => hand_to(
+                            &mut handover,
+                            l,
+                            HandedOver::Pipe(peer, from, data.to_vec()),
+                        ),
                         None => {
                             stats.unrouted.fetch_add(1, Ordering::Relaxed);
                         }

@@ -751,7 +751,11 @@ impl Sfu {
             self.resync();
             return;
         }
-        pipes.forget(node);
+        if let Some(addr) = pipes.forget(node) {
+            for mailbox in &self.loops {
+                mailbox.send(Input::Forget(vec![addr]));
+            }
+        }
         for mailbox in &self.loops {
             mailbox.send(Input::Command(Command::Cluster(ClusterCommand::NodeGone {
                 node: node.to_owned(),

@@ -223,10 +223,20 @@ impl Pipes {
         }
     }
 
-    /// A peer is gone: both directions of its pipe and its streams.
-    pub fn forget(&self, peer: &str) {
+    /// Whether every stream of `peer` goes to loop `loop_index` (and there is one).
+    pub fn all_streams_on(&self, peer: &str, loop_index: usize) -> bool {
+        self.table()
+            .loops
+            .get(peer)
+            .is_some_and(|streams| streams.values().all(|l| *l == loop_index))
+    }
+
+    /// A peer is gone: both directions of its pipe and its streams. Returns the address its
+    /// pipe came from (the loops close sockets connected to it).
+    pub fn forget(&self, peer: &str) -> Option<SocketAddr> {
         let mut table = self.table();
         table.outbound.remove(peer);
+        let mut from = None;
         if let Some(p) = table.inbound.remove(peer)
             && table
                 .by_addr
@@ -234,8 +244,10 @@ impl Pipes {
                 .is_some_and(|owner| **owner == *peer)
         {
             table.by_addr.remove(&p.addr);
+            from = Some(p.addr);
         }
         table.loops.remove(peer);
+        from
     }
 
     /// Drops every outbound key (they are drawn and announced anew on the next `RoomOpen` or
