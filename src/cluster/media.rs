@@ -127,3 +127,23 @@ pub enum MediaEvent {
     /// id: the others forget its last run): its tracks and pipes are gone.
     NodeGone { node: String },
 }
+
+impl MediaEvent {
+    /// The room an announcement is about, if it is about one.
+    pub fn room(&self) -> Option<&str> {
+        match self {
+            MediaEvent::RoomOpen { room, .. }
+            | MediaEvent::RoomState { room, .. }
+            | MediaEvent::RoomClosed { room, .. }
+            | MediaEvent::TrackUp { room, .. }
+            | MediaEvent::TrackDown { room, .. }
+            | MediaEvent::Muted { room, .. }
+            | MediaEvent::ChannelUp { room, .. }
+            | MediaEvent::ChannelDown { room, .. }
+            | MediaEvent::Data { room, .. } => Some(room),
+            MediaEvent::PipeKey { .. }
+            | MediaEvent::Keyframe { .. }
+            | MediaEvent::NodeGone { .. } => None,
+        }
+    }
+}

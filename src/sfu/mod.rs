@@ -521,81 +521,30 @@ impl Sfu {
     /// What another node announced over the bus.
     pub fn cluster(&self, event: MediaEvent) {
         let pipes = &self.shared.pipes;
-        let to_room = |room: &str, command: ClusterCommand| {
-            if let Some(l) = self.shared.directory().loop_of_room(room) {
-                self.loops[l].send(Input::Command(Command::Cluster(command)));
-            }
-        };
-        let to_all = |make: &dyn Fn() -> ClusterCommand| {
-            for mailbox in &self.loops {
-                mailbox.send(Input::Command(Command::Cluster(make())));
-            }
-        };
-        match event {
+        match &event {
             MediaEvent::RoomOpen { room, node, relay } => {
-                if node.id == pipes.me.id {
+                // Its question is answered (with this node's state) only where the room is.
+                if !self.meet(node, room) {
                     return;
                 }
-                if pipes.restarted(&node) {
-                    self.forget_node(&node.id);
-                }
-                if !self.holds(&room) {
-                    return; // nothing to send it
-                }
-                if pipes.open_outbound(&node, relay, true) {
-                    to_all(&|| ClusterCommand::PipeChanged {
-                        node: node.id.clone(),
-                    });
-                }
-                to_room(&room.clone(), ClusterCommand::RoomOpened { room, node });
+                self.open_pipe_to(node, *relay, true);
             }
             MediaEvent::RoomState {
                 room,
                 node,
                 relay,
                 tracks,
-                channels,
+                ..
             } => {
-                if node.id == pipes.me.id {
-                    return;
-                }
-                if pipes.restarted(&node) {
-                    self.forget_node(&node.id);
-                }
-                if !self.holds(&room) {
+                if !self.meet(node, room) {
                     return; // an answer to another node
                 }
-                if pipes.open_outbound(&node, relay, false) {
-                    to_all(&|| ClusterCommand::PipeChanged {
-                        node: node.id.clone(),
-                    });
-                }
+                self.open_pipe_to(node, *relay, false);
                 // Its packets cannot be opened without its key: ask for it (a RoomOpen makes
                 // the node announce it again).
                 if !tracks.is_empty() && !pipes.has_inbound(&node.id) {
-                    pipes.publish(MediaEvent::RoomOpen {
-                        room: room.clone(),
-                        node: pipes.me.clone(),
-                        relay: pipes.relay,
-                    });
+                    self.shared.directory().announce_open(room);
                 }
-                to_room(
-                    &room.clone(),
-                    ClusterCommand::RoomState {
-                        room,
-                        node: node.id,
-                        state: Box::new((tracks, channels)),
-                    },
-                );
-            }
-            MediaEvent::RoomClosed { room, node } => {
-                to_room(
-                    &room.clone(),
-                    ClusterCommand::RoomClosed {
-                        room,
-                        node: node.id,
-                    },
-                );
             }
             MediaEvent::PipeKey {
                 from,
@@ -603,100 +552,61 @@ impl Sfu {
                 relay,
                 key,
             } => {
-                if to != pipes.me.id {
+                if *to != pipes.me.id {
                     return;
                 }
-                if pipes.restarted(&from) {
+                if pipes.restarted(from) {
                     self.forget_node(&from.id);
                 }
-                if pipes.accept_inbound(&from, relay, key) {
-                    to_all(&|| ClusterCommand::PipeChanged {
-                        node: from.id.clone(),
-                    });
+                if pipes.accept_inbound(from, *relay, key.clone()) {
+                    let node = &from.id;
+                    self.to_all_loops(|| ClusterCommand::PipeChanged { node: node.clone() });
                 }
+                return;
             }
-            MediaEvent::TrackUp { room, node, track } => {
-                to_room(
-                    &room.clone(),
-                    ClusterCommand::TrackUp {
-                        room,
-                        node,
-                        track: Box::new(track),
-                    },
-                );
-            }
-            MediaEvent::TrackDown {
-                room,
-                node,
-                owner,
-                track_id,
-            } => to_room(
-                &room.clone(),
-                ClusterCommand::TrackDown {
-                    room,
-                    node: node.id,
-                    owner,
-                    track_id,
-                },
-            ),
-            MediaEvent::Muted {
-                room,
-                node,
-                owner,
-                track_id,
-                muted,
-            } => to_room(
-                &room.clone(),
-                ClusterCommand::Muted {
-                    room,
-                    node: node.id,
-                    owner,
-                    track_id,
-                    muted,
-                },
-            ),
-            MediaEvent::ChannelUp {
-                room,
-                node,
-                channel,
-            } => to_room(
-                &room.clone(),
-                ClusterCommand::ChannelUp {
-                    room,
-                    node: node.id,
-                    channel,
-                },
-            ),
-            MediaEvent::ChannelDown { room, node, key } => to_room(
-                &room.clone(),
-                ClusterCommand::ChannelDown {
-                    room,
-                    node: node.id,
-                    key,
-                },
-            ),
-            MediaEvent::Data {
-                room,
-                node,
-                key,
-                text,
-                data,
-            } => to_room(
-                &room.clone(),
-                ClusterCommand::Data {
-                    room,
-                    node: node.id,
-                    key,
-                    text,
-                    data,
-                },
-            ),
             MediaEvent::Keyframe { to, ssrc } => {
-                if to == pipes.me.id {
-                    to_all(&|| ClusterCommand::Keyframe { ssrc });
+                if *to == pipes.me.id {
+                    self.to_all_loops(|| ClusterCommand::Keyframe { ssrc: *ssrc });
                 }
+                return;
             }
-            MediaEvent::NodeGone { node } => self.forget_node(&node),
+            MediaEvent::NodeGone { node } => return self.forget_node(node),
+            _ => {}
+        }
+        let Some(room) = event.room() else {
+            return;
+        };
+        if let Some(l) = self.shared.directory().loop_of_room(room) {
+            let command = ClusterCommand::Announced(Box::new(event));
+            self.loops[l].send(Input::Command(Command::Cluster(command)));
+        }
+    }
+
+    /// Whether `node`'s word about `room` concerns this node: not its own, and about a room
+    /// held here. A new incarnation of a node known under its id replaces the old one first.
+    fn meet(&self, node: &crate::cluster::NodeRef, room: &str) -> bool {
+        let pipes = &self.shared.pipes;
+        if node.id == pipes.me.id {
+            return false;
+        }
+        if pipes.restarted(node) {
+            self.forget_node(&node.id);
+        }
+        self.holds(room)
+    }
+
+    /// The pipe to `node` (keyed anew for a new peer; the key announced again with `announce`).
+    fn open_pipe_to(&self, node: &crate::cluster::NodeRef, relay: SocketAddr, announce: bool) {
+        if self.shared.pipes.open_outbound(node, relay, announce) {
+            let node = &node.id;
+            self.to_all_loops(|| ClusterCommand::PipeChanged { node: node.clone() });
+        }
+    }
+
+    /// Sends every loop a command (made once per loop).
+    fn to_all_loops(&self, make: impl Fn() -> ClusterCommand) {
+        for mailbox in &self.loops {
+            mailbox.send(Input::Command(Command::Cluster(make())));
         }
     }
 
@@ -709,11 +619,7 @@ impl Sfu {
         }
         // Nodes that do not answer for a room by then have left it meanwhile.
         let until = std::time::Instant::now() + RECHECK_WAIT;
-        for mailbox in &self.loops {
-            mailbox.send(Input::Command(Command::Cluster(ClusterCommand::Recheck {
-                until,
-            })));
-        }
+        self.to_all_loops(|| ClusterCommand::Recheck { until });
     }
 
     /// The registry found `node` dead: its tracks leave this node's rooms, and every other
@@ -736,18 +642,10 @@ impl Sfu {
             // Another node's registry took this one for dead (a heartbeat that stalled): the
             // others forgot its keys and tracks. New keys, and every room asks again.
             for peer in pipes.forget_outbound() {
-                for mailbox in &self.loops {
-                    mailbox.send(Input::Command(Command::Cluster(
-                        ClusterCommand::PipeChanged { node: peer.clone() },
-                    )));
-                }
+                self.to_all_loops(|| ClusterCommand::PipeChanged { node: peer.clone() });
             }
             tracing::warn!("another node took this one for dead; announcing its rooms again");
-            for mailbox in &self.loops {
-                mailbox.send(Input::Command(Command::Cluster(
-                    ClusterCommand::ForgetNodes,
-                )));
-            }
+            self.to_all_loops(|| ClusterCommand::ForgetNodes);
             self.resync();
             return;
         }
@@ -756,11 +654,9 @@ impl Sfu {
                 mailbox.send(Input::Forget(vec![addr]));
             }
         }
-        for mailbox in &self.loops {
-            mailbox.send(Input::Command(Command::Cluster(ClusterCommand::NodeGone {
-                node: node.to_owned(),
-            })));
-        }
+        self.to_all_loops(|| ClusterCommand::NodeGone {
+            node: node.to_owned(),
+        });
     }
 
     /// Closes every media session and stops the loops (graceful shutdown).

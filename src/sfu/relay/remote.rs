@@ -12,86 +12,29 @@ use rtc::shared::marshal::Unmarshal;
 use tracing::{debug, info, warn};
 
 use super::{MediaState, PublishedTrack};
-use crate::cluster::{MediaEvent, NodeRef, RemoteChannel, RemoteTrack};
+use crate::cluster::{MediaEvent, RemoteChannel, RemoteTrack};
 use crate::sfu::api::{MediaKind, SfuEvent};
 use crate::sfu::forward::{Codec, TrackForwarder};
 
 use crate::sfu::peer::ConnKey;
 
-/// What the bus asks of the loop holding a room (sent by `Sfu::cluster`).
+/// What the bus asks of a loop (sent by `Sfu::cluster`).
 pub enum ClusterCommand {
-    /// `node` has members in the room now: relay the room's local tracks to it.
-    RoomOpened {
-        room: String,
-        node: NodeRef,
-    },
-    RoomClosed {
-        room: String,
-        node: String,
-    },
+    /// Another node's announcement about a room this loop holds, as it came.
+    Announced(Box<MediaEvent>),
     /// The other nodes forgot this one (took it for dead): it forgets which nodes its rooms
     /// have and what it relays to them; their answers to its `RoomOpen` start afresh.
     ForgetNodes,
     /// This node's bus came back: nodes that do not confirm a room (with `RoomState`) by
     /// `until` are taken to have left it.
-    Recheck {
-        until: Instant,
-    },
-    /// What `node` publishes in the room now.
-    RoomState {
-        room: String,
-        node: String,
-        state: Box<(Vec<RemoteTrack>, Vec<RemoteChannel>)>,
-    },
-
-    TrackUp {
-        room: String,
-        node: NodeRef,
-        track: Box<RemoteTrack>,
-    },
-    TrackDown {
-        room: String,
-        node: String,
-        owner: String,
-        track_id: String,
-    },
-    Muted {
-        room: String,
-        node: String,
-        owner: String,
-        track_id: String,
-        muted: bool,
-    },
-    ChannelUp {
-        room: String,
-        node: String,
-        channel: RemoteChannel,
-    },
-    ChannelDown {
-        room: String,
-        node: String,
-        key: u64,
-    },
-    Data {
-        room: String,
-        node: String,
-        key: u64,
-        text: bool,
-        data: bytes::Bytes,
-    },
+    Recheck { until: Instant },
     /// A subscriber on another node needs a keyframe of the layer relayed as `ssrc`.
-    Keyframe {
-        ssrc: u32,
-    },
+    Keyframe { ssrc: u32 },
     /// A peer's pipe keys changed: this loop's contexts for it are made again.
-    PipeChanged {
-        node: String,
-    },
+    PipeChanged { node: String },
     /// A peer is gone: its tracks leave the rooms (members here are told), nothing more goes
     /// to it.
-    NodeGone {
-        node: String,
-    },
+    NodeGone { node: String },
 }
 
 /// Where a track's packets come from.
@@ -147,11 +90,7 @@ impl PublishedTrack {
 impl MediaState {
     pub(super) fn handle_cluster(&mut self, command: ClusterCommand, now: Instant) {
         match command {
-            ClusterCommand::RoomOpened { room, node } => self.node_opened(&room, &node.id),
-            // Its members are told by `node` itself (trackUnpublished, room-wide).
-            ClusterCommand::RoomClosed { room, node } => {
-                self.node_left_room(&room, &node, false, now)
-            }
+            ClusterCommand::Announced(event) => self.announced(*event, now),
             ClusterCommand::Recheck { until } => self.recheck(until),
             ClusterCommand::ForgetNodes => {
                 let rooms: Vec<String> = self.rooms.keys().cloned().collect();
@@ -163,37 +102,6 @@ impl MediaState {
                     }
                 }
             }
-            ClusterCommand::RoomState { room, node, state } => {
-                let (tracks, channels) = *state;
-                self.room_state(&room, &node, tracks, channels, now)
-            }
-
-            ClusterCommand::TrackUp { room, node, track } => {
-                self.remote_track_up(&room, &node.id, *track, now)
-            }
-            ClusterCommand::TrackDown {
-                room,
-                node,
-                owner,
-                track_id,
-            } => {
-                if let Some(t) = self.remote_track(&room, &node, &owner, &track_id) {
-                    self.unpublish(t, now);
-                }
-            }
-            ClusterCommand::Muted {
-                room,
-                node,
-                owner,
-                track_id,
-                muted,
-            } => {
-                if let Some(t) = self.remote_track(&room, &node, &owner, &track_id) {
-                    let track = &mut self.tracks[t];
-                    track.muted = muted;
-                    track.forwarder.set_muted(muted);
-                }
-            }
             ClusterCommand::Keyframe { ssrc } => {
                 let found = self
                     .tracks
@@ -203,23 +111,71 @@ impl MediaState {
                     self.request_keyframe(t, source, now);
                 }
             }
-            ClusterCommand::ChannelUp {
+            ClusterCommand::PipeChanged { node } => self.loop_pipes.reset(&node),
+            ClusterCommand::NodeGone { node } => self.node_gone(&node, now),
+        }
+    }
+
+    /// Another node's announcement about a room this loop holds.
+    fn announced(&mut self, event: MediaEvent, now: Instant) {
+        match event {
+            MediaEvent::RoomOpen { room, node, .. } => self.node_opened(&room, &node.id),
+            MediaEvent::RoomState {
+                room,
+                node,
+                tracks,
+                channels,
+                ..
+            } => self.room_state(&room, &node.id, tracks, channels, now),
+            // Its members are told by `node` itself (trackUnpublished, room-wide).
+            MediaEvent::RoomClosed { room, node } => {
+                self.node_left_room(&room, &node.id, false, now)
+            }
+            MediaEvent::TrackUp { room, node, track } => {
+                self.remote_track_up(&room, &node.id, track, now)
+            }
+            MediaEvent::TrackDown {
+                room,
+                node,
+                owner,
+                track_id,
+            } => {
+                if let Some(t) = self.remote_track(&room, &node.id, &owner, &track_id) {
+                    self.unpublish(t, now);
+                }
+            }
+            MediaEvent::Muted {
+                room,
+                node,
+                owner,
+                track_id,
+                muted,
+            } => {
+                if let Some(t) = self.remote_track(&room, &node.id, &owner, &track_id) {
+                    let track = &mut self.tracks[t];
+                    track.muted = muted;
+                    track.forwarder.set_muted(muted);
+                }
+            }
+            MediaEvent::ChannelUp {
                 room,
                 node,
                 channel,
-            } => self.remote_channel_up(&room, &node, channel, now),
-            ClusterCommand::ChannelDown { room, node, key } => {
-                self.remote_channel_down(&room, &node, key, now)
+            } => self.remote_channel_up(&room, &node.id, channel, now),
+            MediaEvent::ChannelDown { room, node, key } => {
+                self.remote_channel_down(&room, &node.id, key, now)
             }
-            ClusterCommand::Data {
+            MediaEvent::Data {
                 room,
                 node,
                 key,
                 text,
                 data,
-            } => self.remote_data(&room, &node, key, text, data, now),
-            ClusterCommand::PipeChanged { node } => self.loop_pipes.reset(&node),
-            ClusterCommand::NodeGone { node } => self.node_gone(&node, now),
+            } => self.remote_data(&room, &node.id, key, text, data, now),
+            // Not about a room: handled by `Sfu::cluster`.
+            MediaEvent::PipeKey { .. }
+            | MediaEvent::Keyframe { .. }
+            | MediaEvent::NodeGone { .. } => {}
         }
     }
 
