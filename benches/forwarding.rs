@@ -11,7 +11,6 @@
 //!   then the batch assembled into sendmmsg/GSO messages (the syscall left out).
 //!   `egress-cold/N`: the same with the core's caches swept before each packet, as they are
 //!   when a paced publisher's packets arrive one per wake-up and other processes run between.
-
 //! - `demux/*`: routing a datagram: a known address (the steady state), and the STUN username
 //!   of a first contact.
 //! - `receive/webrtc-rs`: what webrtc-rs's core does with one SRTP video packet from a
