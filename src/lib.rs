@@ -225,8 +225,6 @@ fn random_node_id() -> String {
     format!("{:012x}", random_u64() & 0xffff_ffff_ffff)
 }
 
-/// A random number from the standard library's per-process hash keys, the clock and the pid
-/// (ids and SSRCs need uniqueness, not cryptographic strength).
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -234,6 +232,8 @@ pub(crate) fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A random number from the standard library's per-process hash keys, the clock and the pid
+/// (ids and SSRCs need uniqueness, not cryptographic strength).
 pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -15,7 +15,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -287,10 +286,8 @@ impl RedisRegistry {
     /// Refreshes the heartbeat; `true` when the key had been lost (expired or Redis restarted),
     /// which means Redis may have lost or reaped this node's entries.
     async fn beat(&self) -> Result<bool, RedisError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
+        let now = crate::unix_ms();
+
         let mut conn = self.conn.clone();
         let previous: Option<String> = redis::cmd("SET")
             .arg(heartbeat_key(&self.node_id))

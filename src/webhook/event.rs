@@ -1,7 +1,7 @@
 //! What a webhook says: `{"id","event","createdAt","node","room",...}`.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -69,10 +69,8 @@ impl Event {
 
     /// The request body: a fresh event id and the time, then what the event is about.
     pub fn to_json(&self, node_id: &str) -> Vec<u8> {
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
+        let created = crate::unix_ms();
+
         let mut body = json!({
             "id": format!("{:016x}", crate::random_u64()),
             "event": self.name(),
