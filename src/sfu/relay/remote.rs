@@ -15,7 +15,6 @@ use super::{MediaState, PublishedTrack};
 use crate::cluster::{MediaEvent, RemoteChannel, RemoteTrack};
 use crate::sfu::api::{MediaKind, SfuEvent};
 use crate::sfu::forward::{Codec, TrackForwarder};
-
 use crate::sfu::peer::ConnKey;
 
 /// What the bus asks of a loop (sent by `Sfu::cluster`).
@@ -140,7 +139,7 @@ impl MediaState {
                 owner,
                 track_id,
             } => {
-                if let Some(t) = self.remote_track(&room, &node.id, &owner, &track_id) {
+                if let Some(t) = self.remote_track(&room, Some(&node.id), &owner, &track_id) {
                     self.unpublish(t, now);
                 }
             }
@@ -151,7 +150,7 @@ impl MediaState {
                 track_id,
                 muted,
             } => {
-                if let Some(t) = self.remote_track(&room, &node.id, &owner, &track_id) {
+                if let Some(t) = self.remote_track(&room, Some(&node.id), &owner, &track_id) {
                     let track = &mut self.tracks[t];
                     track.muted = muted;
                     track.forwarder.set_muted(muted);
@@ -371,16 +370,23 @@ impl MediaState {
         });
     }
 
-    fn remote_track(&self, room: &str, node: &str, owner: &str, track_id: &str) -> Option<usize> {
+    /// A remote track of `room` by owner and id, from `node` (`None`: from any node).
+    pub(super) fn remote_track(
+        &self,
+        room: &str,
+        node: Option<&str>,
+        owner: &str,
+        track_id: &str,
+    ) -> Option<usize> {
         let r = self.rooms.get(room)?;
         r.tracks.iter().copied().find(|&t| {
             let track = &self.tracks[t];
-            track.origin
-                == Origin::Remote {
-                    node: node.to_owned(),
-                }
-                && track.owner == owner
-                && track.track_id == track_id
+            let from_node = match (&track.origin, node) {
+                (Origin::Remote { node: n }, Some(node)) => n == node,
+                (Origin::Remote { .. }, None) => true,
+                (Origin::Local(_), _) => false,
+            };
+            from_node && track.owner == owner && track.track_id == track_id
         })
     }
 
@@ -397,7 +403,7 @@ impl MediaState {
             .find(|(n, _)| n == me)
             .map(|(_, layers)| layers.clone())
             .unwrap_or_default();
-        if let Some(t) = self.remote_track(room, node, &remote.owner, &remote.track_id) {
+        if let Some(t) = self.remote_track(room, Some(node), &remote.owner, &remote.track_id) {
             for (ssrc, rid) in &layers {
                 let replaced = self.tracks[t].forwarder.add_layer(*ssrc, rid.as_deref());
                 if let Some(old) = replaced {
@@ -411,23 +417,16 @@ impl MediaState {
             track.forwarder.set_muted(remote.muted);
             return;
         }
-        let Some(r) = self.rooms.get(room) else {
-            return; // no member here any more
-        };
         // The same owner's track of that id from elsewhere: the owner reconnected (its old
         // node may not have said goodbye yet). The one published later stays.
-        let other = r.tracks.iter().copied().find(|&t| {
-            let track = &self.tracks[t];
-            track.track_id == remote.track_id && track.owner == remote.owner && !track.is_local()
-        });
-        if let Some(old) = other {
+        if let Some(old) = self.remote_track(room, None, &remote.owner, &remote.track_id) {
             if self.tracks[old].published_at > remote.published_at {
                 return; // a late word from the node the owner left
             }
             self.unpublish(old, now);
         }
         let Some(r) = self.rooms.get(room) else {
-            return;
+            return; // no member here any more
         };
         if r.tracks
             .iter()

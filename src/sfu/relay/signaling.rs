@@ -254,7 +254,6 @@ impl MediaState {
         r.members.push(user.to_owned());
         let (tracks, channels) = (r.tracks.clone(), r.channels.clone());
         let recorded = (r.recorded_tracks > 0).then(|| r.recorded_user.clone());
-
         if let Some(recorded_user) = recorded {
             self.emit(SfuEvent::RecordingOngoing {
                 user_id: user.to_owned(),

@@ -164,10 +164,7 @@ impl MediaState {
         };
         // The member published this track on another node before reconnecting here (that node
         // may not have said goodbye yet): this one replaces it.
-        let moved = in_room.iter().copied().find(|&t| {
-            let track = &self.tracks[t];
-            track.track_id == track_id && track.owner == user && !track.is_local()
-        });
+        let moved = self.remote_track(&room, None, &user, &track_id);
         let in_room = match moved {
             Some(old) => {
                 self.unpublish(old, now);
